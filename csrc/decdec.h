@@ -133,6 +133,18 @@ dd_status dd_cpu_forward(const dd_shape *s, const uint8_t *qweight, const uint16
                          const float *thresholds, int32_t k_chunk, dd_selection mode,
                          const float *x, int32_t n_tok, float *y);
 
+/* ---- Host memory and device discovery (csrc/dd_host.c) ---------------------------------- */
+
+/* Residual storage: pinned + mapped (cudaHostAllocMapped) when want_pinned and a usable GPU
+ * exists, so ONE buffer serves the CPU backend and the GPU's zero-copy fetch; otherwise 64-byte
+ * aligned pageable memory.  *is_pinned tells which (pass it back to dd_host_free). */
+dd_status dd_host_alloc(size_t bytes, int want_pinned, void **ptr, int *is_pinned);
+void dd_host_free(void *ptr, int is_pinned);
+/* Number of usable CUDA devices: 0 when built without CUDA or with no driver/GPU. */
+int dd_cuda_device_count(void);
+/* Whether this build contains the CUDA backend. */
+int dd_built_with_cuda(void);
+
 /* fp16 <-> fp32 (IEEE binary16, round to nearest even). */
 float dd_half_to_float(uint16_t h);
 uint16_t dd_float_to_half(float f);

@@ -1,0 +1,127 @@
+/* Shape arithmetic, status strings, fp16 conversion and bucket floors: shared by every backend. */
+#include <math.h>
+#include <string.h>
+
+#include "../decdec.h"
+
+const char *dd_strerror(dd_status status) {
+    switch (status) {
+    case DD_OK: return "success";
+    case DD_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case DD_ERR_UNSUPPORTED: return "unsupported configuration";
+    case DD_ERR_OUT_OF_MEMORY: return "out of host memory";
+    case DD_ERR_CUDA: return "CUDA runtime error";
+    case DD_ERR_CUDA_OUT_OF_MEMORY: return "out of GPU memory";
+    case DD_ERR_NO_DEVICE: return "no usable CUDA device";
+    case DD_ERR_NOT_FINITE: return "non-finite value";
+    }
+    return "unknown decdec status";
+}
+
+dd_status dd_shape_check(const dd_shape *s) {
+    if (!s) return DD_ERR_INVALID_ARGUMENT;
+    if (s->d_in <= 0 || s->d_out <= 0) return DD_ERR_INVALID_ARGUMENT;
+    if (s->d_out % DD_OUT_ALIGN != 0) return DD_ERR_UNSUPPORTED;
+    if (s->bits != 3 && s->bits != 4) return DD_ERR_UNSUPPORTED;
+    if (s->group_size != 64 && s->group_size != 128) return DD_ERR_UNSUPPORTED;
+    /* keep every byte offset well inside int64 and every index inside int32 */
+    if (s->d_in > (1 << 20) || s->d_out > (1 << 20)) return DD_ERR_UNSUPPORTED;
+    return DD_OK;
+}
+
+int32_t dd_d_in_pad(const dd_shape *s) { return (s->d_in + DD_BLOCK - 1) / DD_BLOCK * DD_BLOCK; }
+
+int32_t dd_num_groups(const dd_shape *s) { return dd_d_in_pad(s) / s->group_size; }
+
+size_t dd_qweight_row_bytes(const dd_shape *s) {
+    return (size_t)dd_d_in_pad(s) * (size_t)s->bits / 8;
+}
+
+size_t dd_residual_row_bytes(const dd_shape *s) { return (size_t)s->d_out / 2; }
+
+int32_t dd_num_chunks(int32_t d_in) { return (d_in + DD_CHUNK - 1) / DD_CHUNK; }
+
+int32_t dd_chunk_quota(int32_t d_in, int32_t chunk, int32_t k_chunk) {
+    int32_t start = chunk * DD_CHUNK;
+    int32_t len = d_in - start < DD_CHUNK ? d_in - start : DD_CHUNK;
+    if (len <= 0 || k_chunk <= 0) return 0;
+    if (len == DD_CHUNK) return k_chunk;
+    int64_t k = ((int64_t)k_chunk * len + DD_CHUNK / 2) / DD_CHUNK; /* round half up */
+    return (int32_t)(k > len ? len : k);
+}
+
+int32_t dd_total_quota(int32_t d_in, int32_t k_chunk) {
+    int32_t total = 0;
+    for (int32_t c = 0; c < dd_num_chunks(d_in); c++) total += dd_chunk_quota(d_in, c, k_chunk);
+    return total;
+}
+
+void dd_bucket_floors(const float *t, int32_t k_total, float f[DD_NUM_BUCKETS]) {
+    /* Written as mul, div, add (never a*b+c) so no compiler contracts it into an FMA: the
+     * GPU receives these exact floats from the host, and both backends compare against them. */
+    const float a = t[0];
+    const float b = t[k_total - 1];
+    const float span = b - a;
+    for (int i = 0; i < 16; i++) {
+        float step = span * (float)i;
+        step = step / 15.0f;
+        f[i] = a + step;
+    }
+    f[15] = b;
+    for (int i = 16; i < DD_NUM_BUCKETS; i++) {
+        float v = b * (float)(31 - i);
+        f[i] = v / 16.0f;
+    }
+}
+
+/* IEEE binary16 <-> binary32, bit exact (round to nearest even), no dependency on F16C. */
+float dd_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while ((mant & 0x400u) == 0) { mant <<= 1; exp--; }
+            mant &= 0x3ffu;
+            bits = sign | (exp << 23) | (mant << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+uint16_t dd_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t abs = x & 0x7fffffffu;
+    if (abs >= 0x7f800000u) /* Inf or NaN (keep NaN quiet) */
+        return (uint16_t)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+    if (abs >= 0x477ff000u) /* rounds to >= 65520: overflow to Inf */
+        return (uint16_t)(sign | 0x7c00u);
+    if (abs < 0x38800000u) { /* result is subnormal or zero */
+        if (abs < 0x33000000u) return (uint16_t)sign; /* < half of the smallest subnormal */
+        uint32_t e = abs >> 23;
+        uint32_t m = (abs & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126 - e; /* 14..24 */
+        uint32_t r = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1);
+        uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1u))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = abs - 0x38000000u; /* rebias exponent */
+    uint32_t out = r >> 13;
+    uint32_t rem = r & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) out++;
+    return (uint16_t)(sign | out);
+}

@@ -1,0 +1,28 @@
+/* The whole DecLinear layer on the CPU: base GEMV for all tokens, then per token its own
+ * selection and residual GEMV (tokens are independent, as at decode). */
+#include <stdlib.h>
+
+#include "dd_cpu_internal.h"
+
+dd_status dd_cpu_forward(const dd_shape *s, const uint8_t *qweight, const uint16_t *scales,
+                         const uint16_t *zeros, const uint8_t *rcodes, const uint16_t *rscales,
+                         const float *thresholds, int32_t k_chunk, dd_selection mode,
+                         const float *x, int32_t n_tok, float *y) {
+    dd_status st = dd_cpu_gemv_base(s, qweight, scales, zeros, x, n_tok, y);
+    if (st != DD_OK || k_chunk == 0 || n_tok == 0) return st;
+    const int32_t k_total = dd_total_quota(s->d_in, k_chunk);
+    if (k_total == 0) return DD_OK;
+    int failed = DD_OK;
+    DD_OMP_FOR
+    for (int32_t t = 0; t < n_tok; t++) {
+        int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)k_total);
+        if (!idx) { failed = DD_ERR_OUT_OF_MEMORY; continue; }
+        int32_t n = 0;
+        const float *xt = x + (size_t)t * s->d_in;
+        dd_status ts = dd_cpu_select(xt, s->d_in, thresholds, k_chunk, mode, idx, &n);
+        if (ts == DD_OK) ts = dd_cpu_residual_gemv(s, rcodes, rscales, xt, idx, n, y + (size_t)t * s->d_out);
+        if (ts != DD_OK) failed = ts;
+        free(idx);
+    }
+    return (dd_status)failed;
+}
