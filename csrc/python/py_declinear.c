@@ -121,10 +121,15 @@ static int declinear_init(DecLinearObject *self, PyObject *args, PyObject *kwds)
     int d_in = 0, d_out = 0, bits = 0, group_size = 0;
     PyObject *k_obj = NULL, *sel_obj = NULL;
     const char *device = "cpu";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO$iiii|OOs:DecLinear", kwlist, &qweight,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|$iiiiOOs:DecLinear", kwlist, &qweight,
                                      &scales, &zeros, &rcodes, &rscales, &thresholds, &d_in,
                                      &d_out, &bits, &group_size, &k_obj, &sel_obj, &device))
         return -1;
+    if (d_in == 0 && d_out == 0 && bits == 0 && group_size == 0) {
+        PyErr_SetString(PyExc_TypeError, "DecLinear() requires keyword arguments in_features, "
+                        "out_features, bits and group_size");
+        return -1;
+    }
     if (self->qweight || self->rcodes) { /* __init__ called twice: start clean */
         declinear_release(self);
     }

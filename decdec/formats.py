@@ -1,0 +1,127 @@
+"""NumPy mirror of the storage formats defined in csrc/decdec.h (read its header comment).
+
+Packing and unpacking of the base weight (3-bit planar, 4-bit nibbles; d_in padded to 128) and of
+the residual cheatsheet (input-channel-major nibbles, code + 8).  These are the only Python
+functions that know bit layouts; everything else goes through them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 128          # d_in is padded to a multiple of this
+CHUNK = 1024         # selection chunk width
+NUM_BUCKETS = 32
+OUT_ALIGN = 32       # d_out must be a multiple of this
+RESIDUAL_MAX_CODE = 7
+RESIDUAL_NIBBLE_BIAS = 8
+SUPPORTED_BITS = (3, 4)
+SUPPORTED_GROUP_SIZES = (64, 128)
+
+
+def padded_in_features(d_in: int) -> int:
+    return -(-d_in // BLOCK) * BLOCK
+
+
+def num_groups(d_in: int, group_size: int) -> int:
+    return padded_in_features(d_in) // group_size
+
+
+def qweight_row_bytes(d_in: int, bits: int) -> int:
+    return padded_in_features(d_in) * bits // 8
+
+
+def check_layer_shape(d_out: int, d_in: int, bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    if d_in <= 0 or d_out <= 0:
+        raise ValueError(f"layer shape must be positive, got {d_out} x {d_in}")
+    if d_out % OUT_ALIGN:
+        raise ValueError(f"out_features must be a multiple of {OUT_ALIGN}, got {d_out}")
+
+
+def pack_weight(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes uint8 [d_out, d_in] in [0, 2**bits) -> packed uint8 [d_out, qweight_row_bytes]."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError("codes must be 2-D [d_out, d_in]")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if codes.size and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"codes must lie in [0, {1 << bits})")
+    d_out, d_in = codes.shape
+    q = np.zeros((d_out, padded_in_features(d_in)), np.uint8)
+    q[:, :d_in] = codes
+    if bits == 4:
+        return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))
+    lo = (q & 3).reshape(d_out, -1, 4)
+    lo = lo[..., 0] | (lo[..., 1] << 2) | (lo[..., 2] << 4) | (lo[..., 3] << 6)
+    hi = np.packbits((q >> 2) & 1, axis=1, bitorder="little")
+    return np.ascontiguousarray(np.concatenate([lo, hi], axis=1))
+
+
+def unpack_weight(packed: np.ndarray, bits: int, d_in: int) -> np.ndarray:
+    """Inverse of pack_weight: uint8 [d_out, d_in] codes."""
+    packed = np.asarray(packed, np.uint8)
+    d_out = packed.shape[0]
+    d_pad = padded_in_features(d_in)
+    if packed.shape != (d_out, qweight_row_bytes(d_in, bits)):
+        raise ValueError(f"packed weight must have shape ({d_out}, {qweight_row_bytes(d_in, bits)}),"
+                         f" got {packed.shape}")
+    if bits == 4:
+        q = np.empty((d_out, d_pad), np.uint8)
+        q[:, 0::2] = packed & 0xF
+        q[:, 1::2] = packed >> 4
+    else:
+        lo_bytes, hi_bytes = packed[:, : d_pad // 4], packed[:, d_pad // 4:]
+        lo = np.stack([(lo_bytes >> (2 * k)) & 3 for k in range(4)], axis=-1).reshape(d_out, d_pad)
+        hi = np.unpackbits(hi_bytes, axis=1, bitorder="little")[:, :d_pad]
+        q = lo | (hi << 2)
+    return q[:, :d_in]
+
+
+def pack_residual(codes: np.ndarray) -> np.ndarray:
+    """Signed codes int [d_in, d_out] in [-7, 7] -> uint8 [d_in, d_out // 2] (nibble = code + 8)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] % 2:
+        raise ValueError("residual codes must be 2-D [d_in, d_out] with even d_out")
+    if codes.size and np.abs(codes).max() > RESIDUAL_MAX_CODE:
+        raise ValueError(f"residual codes must lie in [-{RESIDUAL_MAX_CODE}, {RESIDUAL_MAX_CODE}]")
+    n = (codes.astype(np.int16) + RESIDUAL_NIBBLE_BIAS).astype(np.uint8)
+    return np.ascontiguousarray(n[:, 0::2] | (n[:, 1::2] << 4))
+
+
+def unpack_residual(packed: np.ndarray) -> np.ndarray:
+    """Inverse of pack_residual: int8 [d_in, d_out]."""
+    packed = np.asarray(packed, np.uint8)
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), np.int8)
+    out[:, 0::2] = (packed & 0xF).astype(np.int8) - RESIDUAL_NIBBLE_BIAS
+    out[:, 1::2] = (packed >> 4).astype(np.int8) - RESIDUAL_NIBBLE_BIAS
+    return out
+
+
+def chunk_quotas(d_in: int, k_chunk: int) -> list[int]:
+    """Per-chunk selection quota (decdec.h): k_chunk per full chunk, a partial last chunk of length
+    L gets round_half_up(k_chunk * L / 1024), at most L."""
+    if not 0 <= k_chunk <= CHUNK:
+        raise ValueError(f"k_chunk must be in [0, {CHUNK}], got {k_chunk}")
+    quotas = []
+    for start in range(0, d_in, CHUNK):
+        length = min(CHUNK, d_in - start)
+        quotas.append(k_chunk if length == CHUNK else min(length, (k_chunk * length + CHUNK // 2) // CHUNK))
+    return quotas
+
+
+def bucket_floors(thresholds: np.ndarray, k_total: int) -> np.ndarray:
+    """The 32 fp32 bucket floors of decdec.h, with the same fp32 operation order as the C core."""
+    t = np.asarray(thresholds, np.float32)
+    a, b = np.float32(t[0]), np.float32(t[k_total - 1])
+    f = np.empty(NUM_BUCKETS, np.float32)
+    span = np.float32(b - a)
+    for i in range(16):
+        f[i] = a + np.float32(np.float32(span * np.float32(i)) / np.float32(15))
+    f[15] = b
+    for i in range(16, NUM_BUCKETS):
+        f[i] = np.float32(b * np.float32(31 - i)) / np.float32(16)
+    return f
