@@ -13,7 +13,11 @@ dd_status dd_cpu_forward(const dd_shape *s, const uint8_t *qweight, const uint16
     const int32_t k_total = dd_total_quota(s->d_in, k_chunk);
     if (k_total == 0) return DD_OK;
     int failed = DD_OK;
-    DD_OMP_FOR
+    const int parallel = n_tok >= 8;
+    (void)parallel;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
     for (int32_t t = 0; t < n_tok; t++) {
         int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)k_total);
         if (!idx) { failed = DD_ERR_OUT_OF_MEMORY; continue; }

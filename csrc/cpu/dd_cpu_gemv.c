@@ -9,8 +9,8 @@
 
 #define DD_ROWS 4
 
-void dd_cpu_dequant_row(const dd_shape *s, const uint8_t *qweight, const uint16_t *scales,
-                        const uint16_t *zeros, int32_t o, float *w) {
+DD_HOT void dd_cpu_dequant_row(const dd_shape *s, const uint8_t *qweight, const uint16_t *scales,
+                               const uint16_t *zeros, int32_t o, float *w) {
     const int32_t d_in_pad = dd_d_in_pad(s);
     const int32_t n_groups = dd_num_groups(s);
     const uint8_t *row = qweight + (size_t)o * dd_qweight_row_bytes(s);
@@ -20,12 +20,14 @@ void dd_cpu_dequant_row(const dd_shape *s, const uint8_t *qweight, const uint16_
             w[2 * j + 1] = (float)(row[j] >> 4);
         }
     } else {
+        /* 8 weights at a time: two lo-plane bytes and one hi-plane byte, constant shifts */
         const uint8_t *lo = row;
         const uint8_t *hi = row + d_in_pad / 4;
-        for (int32_t j = 0; j < d_in_pad; j++) {
-            int q = (lo[j >> 2] >> (2 * (j & 3))) & 3;
-            q |= ((hi[j >> 3] >> (j & 7)) & 1) << 2;
-            w[j] = (float)q;
+        for (int32_t b = 0; b < d_in_pad / 8; b++) {
+            const unsigned l = (unsigned)lo[2 * b] | ((unsigned)lo[2 * b + 1] << 8);
+            const unsigned h = hi[b];
+            float *wb = w + 8 * b;
+            for (int k = 0; k < 8; k++) wb[k] = (float)(((l >> (2 * k)) & 3u) | (((h >> k) & 1u) << 2));
         }
     }
     for (int32_t g = 0; g < n_groups; g++) {
@@ -68,7 +70,13 @@ dd_status dd_cpu_gemv_base(const dd_shape *s, const uint8_t *qweight, const uint
     const int32_t d_in = s->d_in, d_out = s->d_out, d_in_pad = dd_d_in_pad(s);
     const int32_t n_blocks = (d_out + DD_ROWS - 1) / DD_ROWS;
     int failed = 0;
-    DD_OMP_FOR
+    /* threads only pay off past a few million multiply-adds (a single decode token of a small
+     * layer would lose more to waking them than it gains) */
+    const int parallel = (double)n_tok * d_out * d_in > 4e6;
+    (void)parallel;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
     for (int32_t blk = 0; blk < n_blocks; blk++) {
         float *w = (float *)malloc(sizeof(float) * (size_t)d_in_pad * DD_ROWS);
         if (!w) { failed = 1; continue; }

@@ -11,14 +11,8 @@
 #define DD_HOT
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#define DD_OMP_FOR _Pragma("omp parallel for schedule(static)")
-#else
-#define DD_OMP_FOR
-#endif
 
 /* Dequantize output row o of the base weight into w[d_in_pad] (fp32). */
-void dd_cpu_dequant_row(const dd_shape *s, const uint8_t *qweight, const uint16_t *scales,
+DD_HOT void dd_cpu_dequant_row(const dd_shape *s, const uint8_t *qweight, const uint16_t *scales,
                         const uint16_t *zeros, int32_t o, float *w);
 #endif
