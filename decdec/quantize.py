@@ -5,6 +5,7 @@ onto a given grid (used by the activation-aware quantizer after it chose scales 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,8 @@ def group_params(W: np.ndarray, bits: int, group_size: int, clip_ratio=1.0):
     """Scales and zero points (float16 [d_out, n_groups]) of asymmetric min/max quantization,
     the range shrunk by clip_ratio (a scalar or an array broadcastable to [d_out, n_groups])."""
     G = _grouped(np.asarray(W, np.float64), group_size)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # groups made only of padding are all-NaN: they get 0
+        warnings.simplefilter("ignore", RuntimeWarning)
         wmax = np.nanmax(G, axis=2)
         wmin = np.nanmin(G, axis=2)
     wmax = np.nan_to_num(wmax, nan=0.0)

@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from decdec.calibrate import ThresholdCalibrator, calibrate_thresholds
+
+
+def test_thresholds_are_envelope_of_sorted_magnitudes():
+    rng = np.random.default_rng(5)
+    X = rng.standard_t(3, (200, 700)).astype(np.float32)
+    t = calibrate_thresholds(X)
+    expected = np.max(-np.sort(-np.abs(X.astype(np.float64)), axis=1), axis=0)
+    np.testing.assert_allclose(t, expected, rtol=0, atol=0)
+    assert (np.diff(t) <= 0).all()
+
+
+def test_streaming_equals_one_shot_and_skips_non_finite_tokens():
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((100, 64)).astype(np.float32)
+    cal = ThresholdCalibrator(64)
+    for part in np.array_split(X, 7):
+        cal.update(part)
+    bad = np.full((1, 64), np.nan, np.float32)
+    cal.update(bad)
+    np.testing.assert_array_equal(cal.thresholds, calibrate_thresholds(X))
+    assert cal.count == 100
+    with pytest.raises(ValueError):
+        cal.update(np.zeros((3, 65)))
+    with pytest.raises(ValueError, match="no calibration"):
+        ThresholdCalibrator(8).thresholds

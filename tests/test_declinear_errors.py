@@ -1,0 +1,164 @@
+"""Bad input to DecLinear raises a clear exception; malformed input never crashes; no leaks."""
+import gc
+
+import numpy as np
+import pytest
+
+import decdec
+from decdec import formats
+from layer_factory import random_layer
+
+D_OUT, D_IN = 64, 1100
+
+
+@pytest.fixture(scope="module")
+def parts():
+    rng = np.random.default_rng(20)
+    _, qw, cs, t = random_layer(rng, D_OUT, D_IN, 3, 128)
+    return dict(qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, residual_codes=cs.codes,
+                residual_scales=cs.scales, thresholds=t, in_features=D_IN, out_features=D_OUT,
+                bits=3, group_size=128)
+
+
+def build(parts, **change):
+    kw = dict(parts)
+    kw.update(change)
+    args = [kw.pop(k) for k in ("qweight", "scales", "zeros", "residual_codes", "residual_scales",
+                                "thresholds")]
+    return decdec.DecLinear(*args, **kw)
+
+
+def test_valid_parts_build(parts):
+    assert build(parts).in_features == D_IN
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(qweight=None), TypeError, "qweight must be a numpy.ndarray"),
+    (dict(scales="x"), TypeError, "scales must be a numpy.ndarray"),
+    (dict(bits=2), ValueError, "bits must be 3 or 4"),
+    (dict(group_size=32), ValueError, "group_size must be 64 or 128"),
+    (dict(out_features=60), ValueError, "multiple of 32"),
+    (dict(in_features=0), ValueError, "positive"),
+    (dict(in_features=1000), ValueError, "shape"),
+    (dict(k_chunk=-1), ValueError, r"k_chunk must be in \[0, 1024\]"),
+    (dict(k_chunk=1025), ValueError, r"k_chunk must be in \[0, 1024\]"),
+    (dict(k_chunk=2.5), TypeError, "k_chunk must be an int"),
+    (dict(selection="topk"), ValueError, "selection must be 'bucket' or 'exact'"),
+    (dict(device="tpu"), ValueError, "device must be 'cpu' or 'cuda'"),
+])
+def test_bad_arguments(parts, change, exc, match):
+    with pytest.raises(exc, match=match):
+        build(parts, **change)
+
+
+def test_wrong_dtype_shape_contiguity(parts):
+    with pytest.raises(TypeError, match="scales must have dtype float16"):
+        build(parts, scales=parts["scales"].astype(np.float32))
+    with pytest.raises(TypeError, match="qweight must have dtype uint8"):
+        build(parts, qweight=parts["qweight"].astype(np.int16))
+    with pytest.raises(ValueError, match="residual_codes must have shape"):
+        build(parts, residual_codes=parts["residual_codes"][:-1])
+    with pytest.raises(ValueError, match="thresholds must have shape"):
+        build(parts, thresholds=parts["thresholds"][:-1].copy())
+    with pytest.raises(ValueError, match="thresholds must be 1-dimensional"):
+        build(parts, thresholds=parts["thresholds"][None])
+    nc = np.asfortranarray(parts["zeros"])
+    with pytest.raises(ValueError, match="zeros must be C-contiguous"):
+        build(parts, zeros=nc)
+    with pytest.raises(TypeError, match="requires keyword arguments"):
+        decdec.DecLinear(*[parts[k] for k in ("qweight", "scales", "zeros", "residual_codes",
+                                               "residual_scales", "thresholds")])
+
+
+def test_bad_thresholds(parts):
+    t = parts["thresholds"].copy()
+    t[5] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        build(parts, thresholds=t)
+    t = parts["thresholds"].copy()
+    t[-1] = -1
+    with pytest.raises(ValueError, match=">= 0"):
+        build(parts, thresholds=t)
+    t = parts["thresholds"][::-1].copy()
+    with pytest.raises(ValueError, match="non-increasing"):
+        build(parts, thresholds=t)
+    s = parts["scales"].copy()
+    s[0, 0] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        build(parts, scales=s)
+
+
+def test_bad_forward_and_setters(parts):
+    layer = build(parts)
+    with pytest.raises(TypeError, match="float16 or float32"):
+        layer.forward(np.zeros(D_IN, np.float64))
+    with pytest.raises(ValueError, match="in_features=1100"):
+        layer.forward(np.zeros(D_IN + 1, np.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        layer.forward(np.zeros((1, 1, D_IN), np.float32))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        layer.forward([0.0] * D_IN)
+    with pytest.raises(ValueError, match="out must have shape"):
+        layer.forward(np.zeros(D_IN, np.float32), out=np.zeros(D_OUT + 1, np.float32))
+    with pytest.raises(TypeError, match="out must have dtype"):
+        layer.forward(np.zeros(D_IN, np.float32), out=np.zeros(D_OUT, np.int32))
+    with pytest.raises(ValueError, match="1-D"):
+        layer.select(np.zeros((2, D_IN), np.float32))
+    for bad in (-1, 1025):
+        with pytest.raises(ValueError):
+            layer.k_chunk = bad
+    with pytest.raises(TypeError):
+        layer.k_chunk = "8"
+    with pytest.raises(ValueError):
+        layer.selection = "random"
+    with pytest.raises(AttributeError):
+        del layer.k_chunk
+    with pytest.raises(AttributeError):
+        layer.bits = 4
+    assert layer.k_chunk == 0 and layer.selection == "bucket"
+
+
+def test_fuzz_malformed_constructions_never_crash(parts):
+    """A few thousand random malformed constructions: each raises a Python exception or builds."""
+    rng = np.random.default_rng(21)
+    names = ["qweight", "scales", "zeros", "residual_codes", "residual_scales", "thresholds"]
+    junk = [None, 3, "x", np.zeros(0, np.uint8), np.zeros((2, 2), np.float16),
+            np.zeros((D_OUT, 5), np.uint8), np.full(D_IN, np.nan, np.float32),
+            np.zeros((D_IN, D_OUT), np.uint8), np.zeros(D_IN, np.float32)]
+    built = raised = 0
+    for _ in range(3000):
+        kw = dict(parts)
+        for _ in range(int(rng.integers(1, 3))):
+            key = rng.choice(names + ["in_features", "out_features", "bits", "group_size", "k_chunk"])
+            if key in names:
+                kw[key] = junk[int(rng.integers(len(junk)))]
+            else:
+                kw[key] = int(rng.choice([-5, 0, 1, 3, 4, 31, 32, 64, 128, 1024, 2**31 - 1, 10**6]))
+        try:
+            layer = build(kw)
+            layer.forward(np.ones(layer.in_features, np.float32))
+            built += 1
+        except (TypeError, ValueError, OverflowError, NotImplementedError, MemoryError):
+            raised += 1
+    assert raised > 2000 and built + raised == 3000
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+def test_no_leak_over_10000_objects(parts):
+    for _ in range(500):  # warm allocator pools
+        build(parts, k_chunk=8).forward(np.ones(D_IN, np.float32))
+    gc.collect()
+    before = rss_bytes()
+    for _ in range(10000):
+        layer = build(parts, k_chunk=8)
+        layer.forward(np.ones(D_IN, np.float32))
+        del layer
+    gc.collect()
+    growth = rss_bytes() - before
+    # one layer holds ~70 KB; a leak of even one buffer per object would add > 100 MB
+    assert growth < 8 * 2**20, growth
