@@ -100,6 +100,14 @@ class LlamaWeights:
                     check(f"layers[{i}][{bias!r}]", layer.get(bias), (self.linear_shape(name)[0],))
 
 
+def _matmul_wt(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [T, d_in] @ weight[d_out, d_in].T. A single row goes through W @ x (BLAS gemv): OpenBLAS
+    runs the 1-row gemm with a transposed operand ~10x slower, and decode is all single rows."""
+    if x.ndim == 2 and x.shape[0] == 1:
+        return (weight @ x[0])[None, :]
+    return x @ weight.T
+
+
 class DenseLinear:
     """y = x @ W.T in float32; W [d_out, d_in] is kept as given (BLAS reads it transposed)."""
 
@@ -114,7 +122,7 @@ class DenseLinear:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"DenseLinear expects last dim {self.in_features}, got {x.shape}")
-        return x @ self.weight.T
+        return _matmul_wt(x, self.weight)
 
     __call__ = forward
 
@@ -295,6 +303,6 @@ class LlamaModel:
         if cache is not None:
             cache.length = end
         h = _rms_norm(h, self.weights.norm, c.norm_eps)
-        return h @ self.weights.lm_head.T
+        return _matmul_wt(h, self.weights.lm_head)
 
     __call__ = forward
