@@ -51,13 +51,18 @@ def find_cuda():
 
 CUDA = find_cuda()
 CPU_BINDINGS = [CSRC / "python" / "module.c", CSRC / "python" / "py_declinear.c"]
-c_sources = rel(list((CSRC / "cpu").glob("*.c")) + [CSRC / "dd_host.c"]
-                + (list((CSRC / "python").glob("*.c")) if CUDA else CPU_BINDINGS))
+# the CUDA binding files (py_declinear_cuda.c, py_device_array.c, ...) join only a CUDA build
+CUDA_BINDINGS = [p for p in (CSRC / "python").glob("*.c") if p not in CPU_BINDINGS]
+HAVE_CUDA_BINDING = (CSRC / "python" / "py_declinear_cuda.c").exists()
+c_sources = rel(list((CSRC / "cpu").glob("*.c")) + [CSRC / "dd_host.c"] + CPU_BINDINGS
+                + (CUDA_BINDINGS if CUDA and HAVE_CUDA_BINDING else []))
 macros = []
 include_dirs = [str(CSRC), numpy.get_include()]
 libraries, library_dirs = [], []
 if CUDA:
-    macros += [("DD_WITH_CUDA", "1"), ("DD_PY_CUDA", "1")]
+    macros += [("DD_WITH_CUDA", "1")]
+    if HAVE_CUDA_BINDING:
+        macros += [("DD_PY_CUDA", "1")]
     include_dirs.append(str(Path(CUDA["home"], "include")))
     libraries += ["cudart_static", "stdc++", "rt", "pthread", "dl"]
     library_dirs.append(CUDA["lib"])

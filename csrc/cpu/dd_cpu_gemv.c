@@ -38,21 +38,9 @@ DD_HOT void dd_cpu_dequant_row(const dd_shape *s, const uint8_t *qweight, const 
     }
 }
 
+/* out[r] = w_r . x for up to DD_ROWS rows (stride apart) and one token. */
 DD_HOT static void dot_rows(const float *w, int32_t stride, int32_t n_rows, const float *x,
                             int32_t n, float *out) {
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-    const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * (size_t)stride, *w3 = w + 3 * (size_t)stride;
-    if (n_rows == DD_ROWS) {
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int32_t j = 0; j < n; j++) {
-            a0 += w0[j] * x[j];
-            a1 += w1[j] * x[j];
-            a2 += w2[j] * x[j];
-            a3 += w3[j] * x[j];
-        }
-        out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
-        return;
-    }
     for (int32_t r = 0; r < n_rows; r++) {
         const float *wr = w + (size_t)r * stride;
         float acc = 0.f;
@@ -60,6 +48,22 @@ DD_HOT static void dot_rows(const float *w, int32_t stride, int32_t n_rows, cons
         for (int32_t j = 0; j < n; j++) acc += wr[j] * x[j];
         out[r] = acc;
     }
+}
+
+/* 4 rows x 2 tokens per pass: 6 loads feed 8 multiply-adds, so the loop is bound by arithmetic,
+ * not by loads (one row against one token would load twice per multiply-add). */
+DD_HOT static void dot_4x2(const float *w, int32_t stride, const float *x0, const float *x1,
+                           int32_t n, float *y0, float *y1) {
+    const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * (size_t)stride, *w3 = w + 3 * (size_t)stride;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+    for (int32_t j = 0; j < n; j++) {
+        const float u = x0[j], v = x1[j];
+        a0 += w0[j] * u; a1 += w1[j] * u; a2 += w2[j] * u; a3 += w3[j] * u;
+        b0 += w0[j] * v; b1 += w1[j] * v; b2 += w2[j] * v; b3 += w3[j] * v;
+    }
+    y0[0] = a0; y0[1] = a1; y0[2] = a2; y0[3] = a3;
+    y1[0] = b0; y1[1] = b1; y1[2] = b2; y1[3] = b3;
 }
 
 dd_status dd_cpu_gemv_base(const dd_shape *s, const uint8_t *qweight, const uint16_t *scales,
@@ -84,9 +88,14 @@ dd_status dd_cpu_gemv_base(const dd_shape *s, const uint8_t *qweight, const uint
         const int32_t rows = d_out - o0 < DD_ROWS ? d_out - o0 : DD_ROWS;
         for (int32_t r = 0; r < rows; r++)
             dd_cpu_dequant_row(s, qweight, scales, zeros, o0 + r, w + (size_t)r * d_in_pad);
-        for (int32_t t = 0; t < n_tok; t++) {
+        /* padded columns multiply zero-extended x: skipping them is the same sum */
+        int32_t t = 0;
+        if (rows == DD_ROWS)
+            for (; t + 1 < n_tok; t += 2)
+                dot_4x2(w, d_in_pad, x + (size_t)t * d_in, x + (size_t)(t + 1) * d_in, d_in,
+                        y + (size_t)t * d_out + o0, y + (size_t)(t + 1) * d_out + o0);
+        for (; t < n_tok; t++) {
             float out[DD_ROWS];
-            /* padded columns multiply zero-extended x: skipping them is the same sum */
             dot_rows(w, d_in_pad, rows, x + (size_t)t * d_in, d_in, out);
             memcpy(y + (size_t)t * d_out + o0, out, sizeof(float) * (size_t)rows);
         }
