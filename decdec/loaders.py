@@ -167,7 +167,11 @@ def _hf_config(cfg: dict, source: str) -> LlamaConfig:
     if kind == "llama" and cfg.get("attention_bias"):
         # Llama's attention_bias also puts a bias on o_proj, which the forward does not carry.
         raise ValueError(f"{source}: attention_bias=true (bias on o_proj) is not supported")
-    rope_scaling = cfg.get("rope_scaling")
+    # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes one
+    # rope_parameters dict holding rope_theta and rope_type (+ the scaling constants).
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_scaling = cfg.get("rope_scaling") or (rope_params or None)
     if rope_scaling is not None:
         rtype = rope_scaling.get("rope_type", rope_scaling.get("type"))
         if rtype == "default":
@@ -188,7 +192,7 @@ def _hf_config(cfg: dict, source: str) -> LlamaConfig:
         head_dim=int(cfg.get("head_dim") or dim // n_heads),
         ffn_dim=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
         bos_id=cfg.get("bos_token_id"), eos_id=eos, rope_scaling=rope_scaling,
