@@ -1,0 +1,232 @@
+/*
+ * Base GEMV, batch 1: y = W_hat x for 3- and 4-bit weights in the formats of decdec.h.
+ *
+ * Design (numbers and versions in docs/KERNELS.md):
+ * - One warp (or a power-of-two slice of one, for short rows) per output row, each lane streaming
+ *   16-byte loads of its row with evict-first hints; a persistent grid sized to the SMs it may use.
+ * - x is staged once per block in shared memory, normalised by a power of two per 64 inputs
+ *   (exact), permuted to match the code layout and pre-divided by 16 where the code sits 4 bits
+ *   up, so dequantisation is one LOP3 (mask | 0x6400: the fp16 "1024 + q" trick) and one HSUB2
+ *   (minus 1024 + centre, exact) per pair of weights, and the product is one HFMA2.
+ * - Codes are centred (q - 8 or q - 4) so a 32/64-weight fp16 partial sum is at most 240 in
+ *   magnitude on normalised x; it is then scaled back and accumulated in fp32 with the group's
+ *   scale and zero: y += s * (sum (q-c) x - (z-c) * sum x).
+ * - 3-bit planar rows: the hi plane's 16 bits of a lo word are spread (Morton) and merged with
+ *   the lo bits by two LOP3s into two nibble words (even / odd elements), which then take the
+ *   4-bit path.
+ */
+#include <math.h>
+
+#include "dd_cuda_internal.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;
+constexpr uint32_t kMagic = 0x64006400u;
+
+__device__ __forceinline__ __half2 as_h2(uint32_t v) {
+    __half2 h;
+    memcpy(&h, &v, 4);
+    return h;
+}
+
+/* 8 codes in nibbles (element k in bits 4k..4k+3) against their 4 staged half2 activations:
+ * slots (0,4)/1, (1,5)/16, (2,6)/1, (3,7)/16. */
+__device__ __forceinline__ __half2 nibble_word_dot(uint32_t w, const uint4 &xs, __half2 acc,
+                                                   __half2 bias_lo, __half2 bias_hi) {
+    const uint32_t w2 = w >> 8;
+    const __half2 r0 = __hsub2(as_h2((w & 0x000F000Fu) | kMagic), bias_lo);
+    const __half2 r1 = __hsub2(as_h2((w & 0x00F000F0u) | kMagic), bias_hi);
+    const __half2 r2 = __hsub2(as_h2((w2 & 0x000F000Fu) | kMagic), bias_lo);
+    const __half2 r3 = __hsub2(as_h2((w2 & 0x00F000F0u) | kMagic), bias_hi);
+    acc = __hfma2(r0, as_h2(xs.x), acc);
+    acc = __hfma2(r1, as_h2(xs.y), acc);
+    acc = __hfma2(r2, as_h2(xs.z), acc);
+    acc = __hfma2(r3, as_h2(xs.w), acc);
+    return acc;
+}
+
+/* Bits 0..15 of `h16sel`'s chosen half spread to the even bit positions (element m -> bit 2m). */
+__device__ __forceinline__ uint32_t spread16(uint32_t hiword, uint32_t selector) {
+    uint32_t t = __byte_perm(hiword, 0u, selector); /* byte0 -> byte0, byte1 -> byte2 */
+    t = (t | (t << 4)) & 0x0F0F0F0Fu;
+    t = (t | (t << 2)) & 0x33333333u;
+    t = (t | (t << 1)) & 0x55555555u;
+    return t;
+}
+
+/* Position of element j's staged activation (one fp16 per element, permuted within its word),
+ * and the power of two it is pre-divided by. */
+template <int BITS>
+__device__ __forceinline__ int staged_index(int j, float *prescale) {
+    if (BITS == 4) {
+        const int word = j >> 3, k = j & 7, i = k & 3, hi = k >> 2;
+        *prescale = (i & 1) ? 0.0625f : 1.0f;
+        return (word * 4 + i) * 2 + hi;
+    } else {
+        const int word = j >> 4, m = j & 15, parity = m & 1, a = m >> 1, i = a & 3, hi = a >> 2;
+        *prescale = (i & 1) ? 0.0625f : 1.0f;
+        return (word * 8 + parity * 4 + i) * 2 + hi;
+    }
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(kThreads)
+gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
+                 const __half *__restrict__ zeros, const __half *__restrict__ x,
+                 __half *__restrict__ y, int d_in, int d_in_pad, int d_out, int group_size,
+                 int accumulate, int lanes_per_row) {
+    constexpr int kUnitElems = BITS == 4 ? 32 : 64;
+    extern __shared__ uint4 smem_u4[];
+    __half *xs = reinterpret_cast<__half *>(smem_u4);
+    float *seg_unscale = reinterpret_cast<float *>(xs + d_in_pad);  /* per 64 inputs */
+    float *unit_sum = seg_unscale + d_in_pad / 64;                    /* per unit */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    /* ---- stage x: one warp per 64-input segment ---- */
+    const int n_seg = d_in_pad / 64;
+    for (int seg = warp; seg < n_seg; seg += kWarps) {
+        const int j0 = seg * 64 + 2 * lane;
+        const float a0 = j0 < d_in ? __half2float(x[j0]) : 0.f;
+        const float a1 = j0 + 1 < d_in ? __half2float(x[j0 + 1]) : 0.f;
+        float m = fmaxf(fabsf(a0), fabsf(a1));
+#pragma unroll
+        for (int off = 16; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        int e = 0;
+        if (m > 0.f && m <= 3.0e38f) frexpf(m, &e); /* m = f * 2^e, f in [0.5, 1) */
+        const float down = ldexpf(1.f, -e);
+        float p0, p1;
+        const int i0 = staged_index<BITS>(j0, &p0), i1 = staged_index<BITS>(j0 + 1, &p1);
+        xs[i0] = __float2half_rn(a0 * down * p0);
+        xs[i1] = __float2half_rn(a1 * down * p1);
+        if (lane == 0) seg_unscale[seg] = ldexpf(1.f, e);
+        float sum = a0 + a1;
+        if (BITS == 4) {
+#pragma unroll
+            for (int off = 8; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if ((lane & 15) == 0) unit_sum[seg * 2 + (lane >> 4)] = sum;
+        } else {
+#pragma unroll
+            for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane == 0) unit_sum[seg] = sum;
+        }
+    }
+    __syncthreads();
+
+    const int n_units = d_in_pad / kUnitElems;
+    const int n_groups = d_in_pad / group_size;
+    const size_t row_bytes = (size_t)d_in_pad * BITS / 8;
+    const int rows_per_warp = 32 / lanes_per_row;
+    const int sub = lane / lanes_per_row, pl = lane % lanes_per_row;
+    const float centre = BITS == 4 ? 8.f : 4.f;
+    const __half2 bias_lo = __float2half2_rn(1024.f + centre);
+    const __half2 bias_hi = __float2half2_rn(1024.f + 16.f * centre);
+    const uint4 *xs4 = smem_u4;
+    const int total_warps = gridDim.x * kWarps;
+
+    for (int row0 = (blockIdx.x * kWarps + warp) * rows_per_warp; row0 < d_out;
+         row0 += total_warps * rows_per_warp) {
+        const int r = row0 + sub;
+        float acc = 0.f;
+        if (r < d_out) {
+            const uint8_t *row = qweight + (size_t)r * row_bytes;
+            const __half *srow = scales + (size_t)r * n_groups;
+            const __half *zrow = zeros + (size_t)r * n_groups;
+            for (int u0 = pl; u0 < n_units; u0 += kUnroll * lanes_per_row) {
+                uint4 lo[kUnroll];
+                uint2 hi[kUnroll];
+#pragma unroll
+                for (int t = 0; t < kUnroll; t++) {
+                    const int u = u0 + t * lanes_per_row;
+                    if (u < n_units) {
+                        lo[t] = __ldcs(reinterpret_cast<const uint4 *>(row) + u);
+                        if (BITS == 3)
+                            hi[t] = __ldcs(reinterpret_cast<const uint2 *>(row + d_in_pad / 4) + u);
+                    }
+                }
+#pragma unroll
+                for (int t = 0; t < kUnroll; t++) {
+                    const int u = u0 + t * lanes_per_row;
+                    if (u >= n_units) break;
+                    const int g = u * kUnitElems / group_size;
+                    const float s = __half2float(srow[g]);
+                    const float z = __half2float(zrow[g]);
+                    __half2 p = __float2half2_rn(0.f);
+                    if (BITS == 4) {
+                        const uint4 *xu = xs4 + u * 4;
+                        p = nibble_word_dot(lo[t].x, xu[0], p, bias_lo, bias_hi);
+                        p = nibble_word_dot(lo[t].y, xu[1], p, bias_lo, bias_hi);
+                        p = nibble_word_dot(lo[t].z, xu[2], p, bias_lo, bias_hi);
+                        p = nibble_word_dot(lo[t].w, xu[3], p, bias_lo, bias_hi);
+                    } else {
+                        const uint4 *xu = xs4 + u * 8;
+                        const uint32_t low[4] = {lo[t].x, lo[t].y, lo[t].z, lo[t].w};
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            const uint32_t hw = k < 2 ? hi[t].x : hi[t].y;
+                            const uint32_t sp = spread16(hw, (k & 1) ? 0x4342u : 0x4140u);
+                            /* nibble words: even elements (lo bits | hi bit at +2), odd ones */
+                            const uint32_t ce = (low[k] & 0x33333333u) | ((sp << 2) & 0xCCCCCCCCu);
+                            const uint32_t co = ((low[k] >> 2) & 0x33333333u) | (sp & 0xCCCCCCCCu);
+                            p = nibble_word_dot(ce, xu[2 * k], p, bias_lo, bias_hi);
+                            p = nibble_word_dot(co, xu[2 * k + 1], p, bias_lo, bias_hi);
+                        }
+                    }
+                    const float2 pf = __half22float2(p);
+                    const int seg = BITS == 4 ? (u >> 1) : u;
+                    const float d = (pf.x + pf.y) * seg_unscale[seg];
+                    acc += s * (d - (z - centre) * unit_sum[u]);
+                }
+            }
+        }
+        for (int off = lanes_per_row / 2; off; off >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (pl == 0 && r < d_out) {
+            if (accumulate) atomicAdd(y + r, __float2half_rn(acc));
+            else y[r] = __float2half_rn(acc);
+        }
+    }
+}
+
+size_t staged_smem_bytes(int bits, int d_in_pad) {
+    const int unit = bits == 4 ? 32 : 64;
+    return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / 64) * 4 + (size_t)(d_in_pad / unit) * 4;
+}
+
+} // namespace
+
+extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweight,
+                                       const uint16_t *d_scales, const uint16_t *d_zeros,
+                                       const uint16_t *d_x, uint16_t *d_y, int accumulate,
+                                       int n_sm_free, void *stream) {
+    dd_status st = dd_shape_check(s);
+    if (st != DD_OK) return st;
+    if (!d_qweight || !d_scales || !d_zeros || !d_x || !d_y) return DD_ERR_INVALID_ARGUMENT;
+    int n_sm = 0, smem_optin = 0;
+    if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
+    const int d_in_pad = dd_d_in_pad(s);
+    const size_t smem = staged_smem_bytes(s->bits, d_in_pad);
+    if (smem > (size_t)smem_optin) return DD_ERR_UNSUPPORTED; /* d_in beyond ~48K on sm_86/89 */
+    const int n_units = d_in_pad / (s->bits == 4 ? 32 : 64);
+    int lanes = 32;
+    while (lanes > 1 && lanes / 2 >= n_units) lanes /= 2;
+    const int rows_per_block = kWarps * (32 / lanes);
+    auto kernel = s->bits == 4 ? gemv_base_kernel<4> : gemv_base_kernel<3>;
+    if (smem > 48 * 1024) DD_CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     (int)smem));
+    int per_sm = 0;
+    DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    if (per_sm < 1) per_sm = 1;
+    if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
+    long blocks = ((long)s->d_out + rows_per_block - 1) / rows_per_block;
+    if (blocks > (long)n_sm_free * per_sm) blocks = (long)n_sm_free * per_sm;
+    kernel<<<(unsigned)blocks, kThreads, smem, (cudaStream_t)stream>>>(
+        d_qweight, reinterpret_cast<const __half *>(d_scales),
+        reinterpret_cast<const __half *>(d_zeros), reinterpret_cast<const __half *>(d_x),
+        reinterpret_cast<__half *>(d_y), s->d_in, d_in_pad, s->d_out, s->group_size, accumulate,
+        lanes);
+    DD_CK_LAUNCH("gemv_base_kernel");
+    return DD_OK;
+}

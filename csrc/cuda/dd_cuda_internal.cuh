@@ -1,0 +1,42 @@
+/* Shared by the csrc/cuda translation units: error capture and small device helpers. */
+#ifndef DD_CUDA_INTERNAL_CUH
+#define DD_CUDA_INTERNAL_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+
+#include "dd_cuda.h"
+
+/* Record the failing call for dd_cuda_last_error() and map the CUDA error to a dd_status. */
+dd_status dd_cuda_fail(cudaError_t err, const char *what, const char *file, int line);
+
+#define DD_CK(call)                                                                     \
+    do {                                                                                \
+        cudaError_t dd_err_ = (call);                                                   \
+        if (dd_err_ != cudaSuccess) return dd_cuda_fail(dd_err_, #call, __FILE__, __LINE__); \
+    } while (0)
+
+/* After a launch: launch-configuration errors surface here, never later as a sticky error. */
+#define DD_CK_LAUNCH(name) DD_CK(cudaGetLastError())
+
+/* Multiprocessor count and dynamic shared-memory limit of the current device (cached). */
+dd_status dd_cuda_device_limits(int *n_sm, int *max_smem_optin);
+
+/* The layer object (dd_cuda_runtime.cu); the benchmark swaps its weight pointers. */
+struct dd_cuda_layer {
+    dd_shape shape;
+    int device;
+    int n_sm;
+    int32_t k_chunk, k_total, n_tb;
+    int serial;
+    uint8_t *d_qweight;
+    uint16_t *d_scales, *d_zeros, *d_rscales;
+    float *d_floors, *d_xsel;
+    int32_t *d_idx;
+    const uint8_t *rcodes_dev; /* device view of the caller's pinned mapped buffer */
+    float *h_thresholds;
+    cudaStream_t side;
+    cudaEvent_t fork, join;
+};
+
+#endif

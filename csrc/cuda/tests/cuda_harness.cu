@@ -1,0 +1,317 @@
+/*
+ * Standalone GPU check + benchmark of the CUDA backend against the CPU backend (the oracle).
+ *   ./cuda_harness test          correctness (exit 1 on any failure)
+ *   ./cuda_harness bench [quick] timing table (JSON lines on stdout, prefixed "JSON ")
+ * Build: see csrc/cuda/tests/run_gpu.sh.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+#include <algorithm>
+
+#include <cuda_runtime.h>
+#include "../dd_cuda.h"
+
+static int g_fail = 0;
+#define CHECK(cond, ...) do { if (!(cond)) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); g_fail++; } } while (0)
+#define OK(call) do { dd_status s_ = (call); if (s_ != DD_OK) { printf("FAIL %s -> %s | %s\n", #call, dd_strerror(s_), dd_cuda_last_error()); exit(1); } } while (0)
+
+static uint64_t rng = 12345;
+static uint64_t nexti() { uint64_t z = (rng += 0x9E3779B97F4A7C15ull); z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull; z = (z ^ (z >> 27)) * 0x94D049BB133111EBull; return z ^ (z >> 31); }
+static float unif() { return (nexti() >> 40) / 16777216.f; }
+static float gaussf() { float a = 0; for (int i = 0; i < 6; i++) a += unif(); return (a - 3.f) * 1.41421356f; }
+
+struct Layer {
+    dd_shape s;
+    std::vector<uint8_t> q;
+    std::vector<uint16_t> sc, zr, rs;
+    std::vector<float> thr;
+    uint8_t *rc = nullptr; /* pinned */
+    size_t rc_bytes = 0;
+};
+
+static void make_layer(Layer &L, int d_in, int d_out, int bits, int gs, float outlier) {
+    L.s = {d_in, d_out, bits, gs};
+    const size_t rb = dd_qweight_row_bytes(&L.s);
+    const int ng = dd_num_groups(&L.s);
+    L.q.resize(rb * d_out);
+    for (auto &v : L.q) v = (uint8_t)nexti(); /* padded codes too: they must be ignored */
+    L.sc.resize((size_t)ng * d_out);
+    L.zr.resize((size_t)ng * d_out);
+    for (auto &v : L.sc) v = dd_float_to_half(0.002f + 0.02f * unif());
+    for (auto &v : L.zr) v = dd_float_to_half(unif() * ((1 << bits) - 1));
+    L.rs.resize(d_out);
+    for (auto &v : L.rs) v = dd_float_to_half(0.001f + 0.004f * unif());
+    L.rc_bytes = (size_t)d_in * d_out / 2;
+    OK(dd_cuda_host_alloc_mapped((void **)&L.rc, L.rc_bytes));
+    for (size_t i = 0; i < L.rc_bytes; i++) {
+        uint8_t lo = 1 + nexti() % 15, hi = 1 + nexti() % 15;
+        L.rc[i] = lo | (hi << 4);
+    }
+    L.thr.assign(d_in, 0.f);
+    for (int t = 0; t < 24; t++) {
+        std::vector<float> ax(d_in);
+        for (int j = 0; j < d_in; j++) ax[j] = fabsf(gaussf() * ((j % 61) == 0 ? outlier : 1.f));
+        std::sort(ax.begin(), ax.end(), [](float a, float b) { return a > b; });
+        for (int j = 0; j < d_in; j++) L.thr[j] = std::max(L.thr[j], ax[j]);
+    }
+}
+
+static void make_x(std::vector<uint16_t> &h, std::vector<float> &f, int n, float outlier, int coarse, int n_nan) {
+    h.resize(n); f.resize(n);
+    for (int j = 0; j < n; j++) {
+        float v = gaussf() * ((j % 61) == 0 ? outlier : 1.f);
+        if (coarse) v = roundf(v * 2.f) / 2.f; /* many exact ties */
+        h[j] = dd_float_to_half(v);
+    }
+    for (int k = 0; k < n_nan; k++) h[nexti() % n] = 0x7E00;
+    for (int j = 0; j < n; j++) f[j] = dd_half_to_float(h[j]);
+}
+
+static double rel_err(const std::vector<float> &a, const std::vector<float> &ref, int *nonfinite) {
+    double num = 0, den = 0;
+    *nonfinite = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        if (!std::isfinite(a[i])) { (*nonfinite)++; continue; }
+        num += ((double)a[i] - ref[i]) * ((double)a[i] - ref[i]);
+        den += (double)ref[i] * ref[i];
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}
+
+static std::vector<float> download_half(const uint16_t *d, size_t n) {
+    std::vector<uint16_t> h(n);
+    OK(dd_cuda_memcpy(h.data(), d, n * 2, 1, NULL, 1));
+    std::vector<float> f(n);
+    for (size_t i = 0; i < n; i++) f[i] = dd_half_to_float(h[i]);
+    return f;
+}
+
+static void test_layer(int d_in, int d_out, int bits, int gs) {
+    Layer L;
+    make_layer(L, d_in, d_out, bits, gs, 12.f);
+    dd_cuda_layer *G = nullptr;
+    OK(dd_cuda_layer_create(&L.s, L.q.data(), L.sc.data(), L.zr.data(), L.rc, L.rs.data(), L.thr.data(), &G));
+    const int T = 3;
+    std::vector<uint16_t> hx, hxt; std::vector<float> fx, fxt;
+    for (int t = 0; t < T; t++) { make_x(hxt, fxt, d_in, 12.f, 0, 0); hx.insert(hx.end(), hxt.begin(), hxt.end()); fx.insert(fx.end(), fxt.begin(), fxt.end()); }
+    uint16_t *dx, *dy;
+    OK(dd_cuda_malloc((void **)&dx, hx.size() * 2));
+    OK(dd_cuda_malloc((void **)&dy, (size_t)T * d_out * 2));
+    OK(dd_cuda_memcpy(dx, hx.data(), hx.size() * 2, 0, NULL, 1));
+    const int kcs[] = {0, 1, 8, 13, 64, 1024};
+    for (int kc : kcs) {
+        OK(dd_cuda_layer_set_k_chunk(G, kc));
+        for (int serial = 0; serial < 2; serial++) {
+            OK(dd_cuda_layer_set_serial(G, serial));
+            for (int n_tb : {1, 16}) {
+                OK(dd_cuda_layer_set_n_tb(G, n_tb));
+                OK(dd_cuda_memset(dy, 0xFF, (size_t)T * d_out * 2, NULL)); /* NaN poison */
+                OK(dd_cuda_layer_forward(G, dx, dy, T, 0, NULL));
+                OK(dd_cuda_device_synchronize());
+                std::vector<float> gy = download_half(dy, (size_t)T * d_out);
+                std::vector<float> cy((size_t)T * d_out);
+                OK(dd_cpu_forward(&L.s, L.q.data(), L.sc.data(), L.zr.data(), L.rc, L.rs.data(), L.thr.data(), kc, DD_SELECT_BUCKET, fx.data(), T, cy.data()));
+                int nf = 0;
+                double e = rel_err(gy, cy, &nf);
+                CHECK(nf == 0 && e < 2e-3, "forward %dx%d b%d g%d k%d serial%d ntb%d: rel err %.2e, %d unwritten/non-finite", d_in, d_out, bits, gs, kc, serial, n_tb, e, nf);
+                if (serial == 0 && n_tb == 16) printf("forward %5d->%-5d bits %d g%3d k_chunk %4d: rel err vs CPU %.2e\n", d_in, d_out, bits, gs, kc, e);
+                /* accumulate: y = y0 + layer(x) */
+                if (serial == 0 && n_tb == 16) {
+                    std::vector<uint16_t> y0((size_t)T * d_out);
+                    std::vector<float> f0(y0.size());
+                    for (size_t i = 0; i < y0.size(); i++) { y0[i] = dd_float_to_half(gaussf()); f0[i] = dd_half_to_float(y0[i]); }
+                    OK(dd_cuda_memcpy(dy, y0.data(), y0.size() * 2, 0, NULL, 1));
+                    OK(dd_cuda_layer_forward(G, dx, dy, T, 1, NULL));
+                    std::vector<float> ga = download_half(dy, y0.size());
+                    for (size_t i = 0; i < y0.size(); i++) cy[i] += f0[i];
+                    e = rel_err(ga, cy, &nf);
+                    CHECK(nf == 0 && e < 2e-3, "accumulate %dx%d k%d: rel err %.2e", d_in, d_out, kc, e);
+                }
+            }
+        }
+    }
+    /* selection: identical to the CPU's, with ties and NaNs */
+    for (int kc : {1, 3, 8, 16, 100, 1024}) {
+        OK(dd_cuda_layer_set_k_chunk(G, kc));
+        for (int trial = 0; trial < 4; trial++) {
+            std::vector<uint16_t> h; std::vector<float> f;
+            make_x(h, f, d_in, 12.f, trial & 1, trial >= 2 ? 5 + d_in / 50 : 0);
+            OK(dd_cuda_memcpy(dx, h.data(), h.size() * 2, 0, NULL, 1));
+            const int kt = dd_total_quota(d_in, kc);
+            std::vector<int32_t> gi(kt), ci(kt);
+            int32_t gn = 0, cn = 0;
+            OK(dd_cuda_layer_select(G, dx, gi.data(), &gn, NULL));
+            OK(dd_cpu_select(f.data(), d_in, L.thr.data(), kc, DD_SELECT_BUCKET, ci.data(), &cn));
+            /* GPU pads per chunk with -1; compact before comparing */
+            std::vector<int32_t> gc;
+            for (int v : gi) if (v >= 0) gc.push_back(v);
+            bool same = gn == cn && (int)gc.size() == cn && std::equal(gc.begin(), gc.end(), ci.begin());
+            for (int v : gc) if (v >= 0 && v < d_in && h[v] == 0x7E00) same = false;
+            CHECK(same, "select %d k%d trial %d: gpu %d vs cpu %d indices differ", d_in, kc, trial, gn, cn);
+        }
+    }
+    /* graph capture of a whole layer call */
+    {
+        OK(dd_cuda_memcpy(dx, hx.data(), hx.size() * 2, 0, NULL, 1));
+        OK(dd_cuda_layer_set_k_chunk(G, 8));
+        OK(dd_cuda_layer_set_serial(G, 0));
+        cudaStream_t st; cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+        cudaGraph_t g; cudaGraphExec_t ge;
+        cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        OK(dd_cuda_layer_forward(G, dx, dy, T, 0, st));
+        CHECK(cudaStreamEndCapture(st, &g) == cudaSuccess, "capture");
+        CHECK(cudaGraphInstantiate(&ge, g, 0) == cudaSuccess, "instantiate");
+        OK(dd_cuda_memset(dy, 0xFF, (size_t)T * d_out * 2, st));
+        CHECK(cudaGraphLaunch(ge, st) == cudaSuccess, "launch");
+        cudaStreamSynchronize(st);
+        std::vector<float> gy = download_half(dy, (size_t)T * d_out), cy((size_t)T * d_out);
+        OK(dd_cpu_forward(&L.s, L.q.data(), L.sc.data(), L.zr.data(), L.rc, L.rs.data(), L.thr.data(), 8, DD_SELECT_BUCKET, fx.data(), T, cy.data()));
+        int nf; double e = rel_err(gy, cy, &nf);
+        CHECK(nf == 0 && e < 2e-3, "graph replay rel err %.2e nf %d", e, nf);
+        cudaGraphExecDestroy(ge); cudaGraphDestroy(g); cudaStreamDestroy(st);
+    }
+    dd_cuda_free(dx); dd_cuda_free(dy);
+    OK(dd_cuda_layer_destroy(G));
+    dd_cuda_host_free(L.rc);
+}
+
+static void test_base_float64(int d_in, int d_out, int bits, int gs, float outlier) {
+    /* base GEMV against a float64 reference, large activations included (no fp16 overflow) */
+    Layer L;
+    make_layer(L, d_in, d_out, bits, gs, 1.f);
+    std::vector<uint16_t> hx; std::vector<float> fx;
+    make_x(hx, fx, d_in, outlier, 0, 0);
+    for (int j = 0; j < d_in; j += 37) { hx[j] = dd_float_to_half(3000.f * (j & 1 ? -1 : 1)); fx[j] = dd_half_to_float(hx[j]); }
+    uint8_t *dq; uint16_t *ds, *dz, *dx, *dy;
+    OK(dd_cuda_malloc((void **)&dq, L.q.size())); OK(dd_cuda_memcpy(dq, L.q.data(), L.q.size(), 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&ds, L.sc.size() * 2)); OK(dd_cuda_memcpy(ds, L.sc.data(), L.sc.size() * 2, 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&dz, L.zr.size() * 2)); OK(dd_cuda_memcpy(dz, L.zr.data(), L.zr.size() * 2, 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&dx, d_in * 2)); OK(dd_cuda_memcpy(dx, hx.data(), d_in * 2, 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&dy, d_out * 2));
+    OK(dd_cuda_memset(dy, 0xFF, d_out * 2, NULL));
+    OK(dd_cuda_gemv_base(&L.s, dq, ds, dz, dx, dy, 0, 0, NULL));
+    std::vector<float> gy = download_half(dy, d_out), ref(d_out);
+    /* float64 dequantised product */
+    const int ng = dd_num_groups(&L.s);
+    const size_t rb = dd_qweight_row_bytes(&L.s);
+    const int pad = dd_d_in_pad(&L.s);
+    for (int o = 0; o < d_out; o++) {
+        double acc = 0;
+        const uint8_t *row = &L.q[o * rb];
+        for (int j = 0; j < d_in; j++) {
+            int q;
+            if (bits == 4) q = (row[j / 2] >> (4 * (j & 1))) & 15;
+            else {
+                const int lo = (row[j / 4] >> (2 * (j & 3))) & 3;
+                const int hi = (row[pad / 4 + j / 8] >> (j & 7)) & 1;
+                q = lo | (hi << 2);
+            }
+            const int g = j / gs;
+            acc += (double)dd_half_to_float(L.sc[o * ng + g]) * (q - (double)dd_half_to_float(L.zr[o * ng + g])) * fx[j];
+        }
+        ref[o] = (float)acc;
+    }
+    int nf; double e = rel_err(gy, ref, &nf);
+    /* fp16 output alone costs ~3e-4 */
+    CHECK(nf == 0 && e < 1.5e-3, "base vs float64 %dx%d b%d g%d: rel err %.2e nf %d", d_in, d_out, bits, gs, e, nf);
+    printf("base    %5d->%-5d bits %d g%3d (|x| up to 3000): rel err vs float64 %.2e\n", d_in, d_out, bits, gs, e);
+    dd_cuda_free(dq); dd_cuda_free(ds); dd_cuda_free(dz); dd_cuda_free(dx); dd_cuda_free(dy);
+    dd_cuda_host_free(L.rc);
+}
+
+static void test_errors() {
+    dd_shape bad = {100, 33, 4, 128};
+    uint16_t *y = nullptr;
+    CHECK(dd_cuda_gemv_base(&bad, (const uint8_t *)8, (const uint16_t *)8, (const uint16_t *)8, (const uint16_t *)8, (uint16_t *)8, 0, 0, NULL) == DD_ERR_UNSUPPORTED, "d_out 33 rejected");
+    dd_shape ok = {128, 32, 4, 128};
+    CHECK(dd_cuda_gemv_base(&ok, NULL, NULL, NULL, NULL, y, 0, 0, NULL) == DD_ERR_INVALID_ARGUMENT, "null pointers rejected");
+    void *p = nullptr;
+    dd_status st = dd_cuda_malloc(&p, (size_t)1 << 50);
+    CHECK(st == DD_ERR_CUDA_OUT_OF_MEMORY, "huge malloc -> CUDA OOM, got %d", (int)st);
+    printf("oom message: %s\n", dd_cuda_last_error());
+    int kind, dev;
+    int host_var;
+    OK(dd_cuda_pointer_kind(&host_var, &kind, &dev));
+    CHECK(kind == DD_PTR_HOST, "host pointer kind %d", kind);
+    OK(dd_cuda_malloc(&p, 64));
+    OK(dd_cuda_pointer_kind(p, &kind, &dev));
+    CHECK(kind == DD_PTR_DEVICE && dev == 0, "device pointer kind %d dev %d", kind, dev);
+    dd_cuda_free(p);
+}
+
+static int run_tests(int quick) {
+    test_errors();
+    test_base_float64(4096, 256, 4, 128, 20.f);
+    test_base_float64(4096, 256, 3, 128, 20.f);
+    test_base_float64(1000, 96, 3, 64, 20.f);
+    test_base_float64(1000, 96, 4, 64, 20.f);
+    test_base_float64(14336, 64, 3, 128, 20.f);
+    const int shapes[][2] = {{576, 192}, {1000, 96}, {1536, 576}, {2048 + 130, 320}, {4096, 1024}, {3000, 32}, {128, 32}, {14336, 256}};
+    for (auto &sh : shapes)
+        for (int bits : {3, 4})
+            for (int gs : {64, 128}) {
+                if (quick && gs == 64 && sh[0] > 2000) continue;
+                test_layer(sh[0], sh[1], bits, gs);
+            }
+    printf("%s: %d failure(s)\n", g_fail ? "TESTS FAILED" : "TESTS PASSED", g_fail);
+    return g_fail ? 1 : 0;
+}
+
+static int run_bench(int quick) {
+    char name[256];
+    OK(dd_cuda_device_name(0, name, sizeof name));
+    double hbm, zc, h2d;
+    OK(dd_cuda_bench_bandwidth((size_t)2 << 30, 16, &hbm, &zc, &h2d));
+    printf("JSON {\"kind\":\"bandwidth\",\"device\":\"%s\",\"hbm_read_gbs\":%.1f,\"zero_copy_gbs_16x512\":%.1f,\"h2d_pinned_gbs\":%.1f}\n", name, hbm, zc, h2d);
+    struct { int d_in, d_out; const char *model; } shapes[] = {
+        {4096, 4096, "llama3-8b qo"}, {4096, 1024, "llama3-8b kv"}, {4096, 14336, "llama3-8b gate/up"},
+        {14336, 4096, "llama3-8b down"}, {8192, 8192, "llama3-70b qo"}, {8192, 28672, "llama3-70b gate/up"},
+        {576, 1536, "smollm2-135m up"}, {1536, 576, "smollm2-135m down"}, {576, 576, "smollm2-135m qo"}};
+    const int kcs[] = {0, 1, 2, 4, 8, 12, 16, 24, 32, 64};
+    const int ntbs[] = {4, 8, 16, 32};
+    for (auto &sh : shapes) {
+        for (int bits : {3, 4}) {
+            dd_shape s = {sh.d_in, sh.d_out, bits, 128};
+            dd_cuda_bench *b;
+            OK(dd_cuda_bench_create(&s, 0, 7, &b));
+            size_t bytes; int copies, n_sm;
+            OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
+            const int iters = std::max(20, std::min(copies, 400));
+            const int reps = 7;
+            double t_read, t_base;
+            OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, reps, &t_read));
+            OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, reps, &t_base));
+            printf("JSON {\"kind\":\"base\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"model\":\"%s\",\"bytes\":%zu,\"copies\":%d,\"us_read\":%.3f,\"us_base\":%.3f,\"base_over_read\":%.4f,\"base_gbs\":%.1f,\"pct_hbm\":%.1f}\n",
+                   sh.d_in, sh.d_out, bits, sh.model, bytes, copies, t_read, t_base, t_read / t_base, bytes / (t_base * 1e3), 100.0 * bytes / (t_base * 1e3) / hbm);
+            for (int ntb : ntbs) {
+                double t_res, t_dec8;
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, ntb, iters, reps, &t_res));
+                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 8, ntb, iters, reps, &t_dec8));
+                printf("JSON {\"kind\":\"reserved\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"n_tb\":%d,\"us_base_reserved\":%.3f,\"slowdown\":%.4f,\"us_dec_only_k8\":%.3f}\n",
+                       sh.d_in, sh.d_out, bits, ntb, t_res, t_res / t_base - 1, t_dec8);
+                for (int kc : kcs) {
+                    if (quick && kc != 8 && kc != 0) continue;
+                    double t_f;
+                    OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, kc, ntb, iters, reps, &t_f));
+                    double t_s = -1;
+                    if (kc == 8) OK(dd_cuda_bench_run(b, DD_BENCH_SERIAL, kc, ntb, iters, reps, &t_s));
+                    printf("JSON {\"kind\":\"dec\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"k_chunk\":%d,\"n_tb\":%d,\"us\":%.3f,\"overhead\":%.4f,\"us_serial\":%.3f,\"pct_hbm\":%.1f}\n",
+                           sh.d_in, sh.d_out, bits, kc, ntb, t_f, t_f / t_base - 1, t_s, 100.0 * bytes / (t_f * 1e3) / hbm);
+                }
+            }
+            fflush(stdout);
+            OK(dd_cuda_bench_destroy(b));
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (dd_cuda_device_count() <= 0) { printf("no CUDA device\n"); return 2; }
+    const int quick = argc > 2 && strcmp(argv[2], "quick") == 0;
+    if (argc > 1 && strcmp(argv[1], "bench") == 0) return run_bench(quick);
+    return run_tests(quick);
+}
