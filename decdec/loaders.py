@@ -43,11 +43,32 @@ def unpermute_gguf_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 # ============================================================================ GGUF
 
+def _gguf_field_value(field):
+    """A GGUF metadata value as plain Python (str, int, float, bool or a list of them).
+
+    gguf >= 0.11 has ReaderField.contents(); for 0.10 the same is read from field.parts.
+    """
+    if hasattr(field, "contents"):
+        return field.contents()
+    from gguf import GGUFValueType
+
+    def scalar(part, vtype):
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        value = part[0].item()
+        return bool(value) if vtype == GGUFValueType.BOOL else value
+
+    main = field.types[0]
+    if main == GGUFValueType.ARRAY:
+        return [scalar(field.parts[i], field.types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], main)
+
+
 def _gguf_fields(reader) -> dict:
     fields = {}
     for name, field in reader.fields.items():
         try:
-            fields[name] = field.contents()
+            fields[name] = _gguf_field_value(field)
         except Exception:  # noqa: BLE001 -- an odd metadata entry we don't use must not block loading
             continue
     return fields

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from decdec.loaders import load_hf, unpermute_gguf_qk
+from decdec.loaders import load_hf
 from decdec.model import LINEAR_NAMES, DenseLinear, LlamaModel
 
 torch = pytest.importorskip("torch")
@@ -209,22 +209,6 @@ def test_bad_inputs_raise(random_model):
         random_model.forward(np.array([1, 2]), cache=cache)
     with pytest.raises(ValueError, match="last dim"):
         DenseLinear(np.zeros((3, 4), np.float32)).forward(np.zeros((1, 5), np.float32))
-
-
-def test_unpermute_inverts_llama_cpp_permutation():
-    """convert_hf_to_gguf.py's permute(), then ours, gives back the HF rows (weights and biases)."""
-
-    def llama_cpp_permute(w, n_head):
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
-                .reshape(w.shape)
-
-    rng = np.random.default_rng(0)
-    for n_head, head_dim in [(9, 64), (3, 64), (4, 6)]:
-        w = rng.standard_normal((n_head * head_dim, 10)).astype(np.float32)
-        assert not np.array_equal(llama_cpp_permute(w, n_head), w)
-        np.testing.assert_array_equal(unpermute_gguf_qk(llama_cpp_permute(w, n_head), n_head), w)
-        b = rng.standard_normal(n_head * head_dim)
-        np.testing.assert_array_equal(unpermute_gguf_qk(llama_cpp_permute(b, n_head), n_head), b)
 
 
 # ------------------------------------------------------------------------------ SmolLM2 (real)
