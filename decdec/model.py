@@ -73,8 +73,12 @@ class LlamaWeights:
                 "w_gate": (c.ffn_dim, c.dim), "w_up": (c.ffn_dim, c.dim),
                 "w_down": (c.dim, c.ffn_dim)}[name]
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first array whose shape or dtype disagrees with config."""
+    def validate(self, replaced=frozenset()) -> None:
+        """Raise ValueError naming the first array whose shape or dtype disagrees with config.
+
+        replaced: (layer_index, name) pairs served by another linear object; their weight
+        entries may be absent or None (e.g. a quantized model that keeps no float matrix).
+        """
         c = self.config
         c.validate()
 
@@ -94,6 +98,8 @@ class LlamaWeights:
             check(f"layers[{i}]['attn_norm']", layer.get("attn_norm"), (c.dim,))
             check(f"layers[{i}]['ffn_norm']", layer.get("ffn_norm"), (c.dim,))
             for name in LINEAR_NAMES:
+                if (i, name) in replaced and layer.get(name) is None:
+                    continue
                 check(f"layers[{i}][{name!r}]", layer.get(name), self.linear_shape(name))
             if c.attn_bias:
                 for name, bias in BIAS_NAMES.items():
@@ -182,11 +188,11 @@ class LlamaModel:
     """
 
     def __init__(self, weights: LlamaWeights, linears: Mapping | None = None):
-        weights.validate()
         self.weights = weights
         self.config = c = weights.config
         self.linears = {}
         given = dict(linears or {})
+        weights.validate(replaced=frozenset(given))
         for key in given:
             if (not isinstance(key, tuple) or len(key) != 2 or key[1] not in LINEAR_NAMES
                     or not 0 <= key[0] < c.n_layers):
@@ -194,6 +200,13 @@ class LlamaModel:
                                  f"layer_index < {c.n_layers} and name in {LINEAR_NAMES}")
             if not callable(getattr(given[key], "forward", None)):
                 raise TypeError(f"linears[{key!r}] has no forward(x) method")
+            # Objects that declare their sizes (DenseLinear, DecLinear) must fit the slot.
+            want_out, want_in = weights.linear_shape(key[1])
+            got = (getattr(given[key], "out_features", want_out),
+                   getattr(given[key], "in_features", want_in))
+            if got != (want_out, want_in):
+                raise ValueError(f"linears[{key!r}] is {got[0]}x{got[1]} (out x in), the model "
+                                 f"needs {want_out}x{want_in}")
         for i, layer in enumerate(weights.layers):
             for name in LINEAR_NAMES:
                 lin = given.get((i, name))

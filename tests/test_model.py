@@ -194,6 +194,18 @@ def test_replacement_linears_are_used(random_model):
         LlamaModel(w, linears={(9, "w_up"): DenseLinear(perturbed)})
     with pytest.raises(TypeError, match="forward"):
         LlamaModel(w, linears={(0, "w_up"): perturbed})
+    with pytest.raises(ValueError, match="needs"):
+        LlamaModel(w, linears={(0, "w_up"): DenseLinear(perturbed.T)})
+    # A replaced layer needs no float matrix (quantized models keep none); others still do.
+    layers[0]["w_gate"] = None
+    lean = LlamaWeights(config=w.config, tok_embeddings=w.tok_embeddings, layers=layers,
+                        norm=w.norm, lm_head=w.lm_head)
+    gate = DenseLinear(w.layers[0]["w_gate"])
+    np.testing.assert_array_equal(
+        LlamaModel(lean, linears={(0, "w_gate"): gate, (1, "w_up"): DenseLinear(perturbed)})
+        .forward(tokens), out)
+    with pytest.raises(ValueError, match=r"layers\[0\]\['w_gate'\]"):
+        LlamaModel(lean)
 
 
 def test_bad_inputs_raise(random_model):
