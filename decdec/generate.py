@@ -27,7 +27,9 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
+        if self.prefill_seconds <= 0:
+            return float("inf")
+        return self.prompt_tokens / self.prefill_seconds
 
     @property
     def tokens_per_second(self) -> float:

@@ -69,7 +69,7 @@ def _gguf_fields(reader) -> dict:
     for name, field in reader.fields.items():
         try:
             fields[name] = _gguf_field_value(field)
-        except Exception:  # noqa: BLE001 -- an odd metadata entry we don't use must not block loading
+        except Exception:  # noqa: BLE001 -- an odd entry we don't use must not block loading
             continue
     return fields
 
@@ -227,7 +227,6 @@ def load_hf(directory: str | Path, *, tokenizer: bool = True):
     has no tokenizer.json. Weights of any float dtype (bf16 included) are converted to float32.
     """
     try:
-        from safetensors.numpy import load_file  # noqa: F401 -- checked early for a clear error
         from safetensors import safe_open
     except ImportError as e:
         raise ImportError("load_hf needs the PyPI package `safetensors`") from e
@@ -246,7 +245,7 @@ def load_hf(directory: str | Path, *, tokenizer: bool = True):
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files (PyTorch .bin is unsupported)")
+        raise FileNotFoundError(f"{directory}: no *.safetensors files (.bin is unsupported)")
 
     # Open every shard lazily; read each tensor once, converting to float32.
     handles = {}
@@ -255,7 +254,7 @@ def load_hf(directory: str | Path, *, tokenizer: bool = True):
         fpath = directory / fname
         if not fpath.is_file():
             raise FileNotFoundError(f"{fpath} listed in the index but missing")
-        # framework="np" fails on bf16; read through the "numpy" API where possible, else raw.
+        # safetensors' NumPy API cannot return bf16 (NumPy has no such dtype): see _read_bf16.
         handles[fname] = safe_open(str(fpath), framework="np")
         for key in handles[fname].keys():
             where[key] = fname

@@ -8,7 +8,7 @@ Layout follows Hugging Face: weights are [d_out, d_in], wq/wk rows are in rotate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -150,9 +150,10 @@ class KVCache:
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """Per-pair inverse frequencies (float64) [head_dim/2], with Llama-3.1 rescaling if configured."""
+    """Per-pair inverse frequencies (float64) [head_dim/2], Llama-3.1-rescaled if configured."""
     half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim))
+    exponents = np.arange(half, dtype=np.float64) * 2 / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     rs = config.rope_scaling
     if rs:
         # Same arithmetic as transformers' _compute_llama3_parameters.
@@ -222,7 +223,7 @@ class LlamaModel:
     def _rope_tables(self, end: int):
         if end > self._rope_cache_len:
             n = max(end, 2 * self._rope_cache_len, 256)
-            # Angles in float64 then cast: position * inv_freq loses digits in float32 at long range.
+            # Angles in float64 then cast: position * inv_freq loses digits in float32 far out.
             angles = np.arange(n, dtype=np.float64)[:, None] * self._inv_freq[None, :]
             self._cos = np.cos(angles).astype(np.float32)
             self._sin = np.sin(angles).astype(np.float32)

@@ -32,7 +32,7 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 
 
 def _byte_level_pre_tokenizer(pre: str):
-    """The pre-tokenizer for a GGUF `tokenizer.ggml.pre` name; ValueError for names we don't know."""
+    """The pre-tokenizer for a GGUF `tokenizer.ggml.pre` name; ValueError for unknown names."""
     if pre == "smollm":
         # llama.cpp: "\\p{N}" then the GPT-2 regex. Digits(individual) reproduces the first split.
         return pre_tokenizers.Sequence([
@@ -47,7 +47,7 @@ def _byte_level_pre_tokenizer(pre: str):
         regex = _QWEN2_REGEX
     else:
         raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (known: smollm, gpt2, llama-bpe, "
-                         f"qwen2); load the model's tokenizer.json with Tokenizer.from_file instead")
+                         f"qwen2); load the model's tokenizer.json (Tokenizer.from_dir) instead")
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -55,7 +55,7 @@ def _byte_level_pre_tokenizer(pre: str):
 
 
 class Tokenizer:
-    """Text <-> token ids. encode() returns an int64 NumPy array; decode() takes any int sequence."""
+    """Text <-> token ids. encode() returns an int64 NumPy array; decode() takes any ints."""
 
     def __init__(self, backend: _HFTokenizer, *, bos_id: int | None, eos_id: int | None,
                  add_bos: bool = False, chat_template: str | None = None,
@@ -83,7 +83,8 @@ class Tokenizer:
             raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
         token_types = fields.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
         if len(token_types) != len(tokens):
-            raise ValueError(f"GGUF tokenizer has {len(tokens)} tokens but {len(token_types)} types")
+            raise ValueError(f"GGUF tokenizer has {len(tokens)} tokens but "
+                             f"{len(token_types)} token types")
         vocab = {tok: i for i, tok in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise ValueError("GGUF tokenizer vocabulary has duplicate tokens")
@@ -123,7 +124,7 @@ class Tokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: decdec needs a fast-tokenizer tokenizer.json")
+            raise FileNotFoundError(f"{path} not found: decdec needs a (fast) tokenizer.json")
         backend = _HFTokenizer.from_file(str(path))
         cfg_path = directory / "tokenizer_config.json"
         tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}

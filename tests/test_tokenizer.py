@@ -59,7 +59,8 @@ def test_chat_format(tok):
     # SmolLM2's template supplies a default system turn.
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert tok.format_chat("hi", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    custom = tok.format_chat("hi", system="Be brief.")
+    assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
 @pytest.fixture(scope="module")
