@@ -321,3 +321,21 @@ def _read_bf16(path: Path, name: str, original: Exception) -> np.ndarray:
         raw = np.frombuffer(f.read(end - begin), dtype=np.uint16)
     # bfloat16 is the top half of a float32.
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+def load_model(source: str | Path | None = None, *, cache_dir=None):
+    """(LlamaWeights, Tokenizer) from a GGUF file, a Hugging Face directory, or None/'smollm2'
+    (the default model, fetched and verified by decdec.fetch). For CLI --model arguments."""
+    if source is None or str(source).lower() in ("smollm2", "smollm2-135m-instruct"):
+        from .fetch import fetch_smollm2
+        return load_gguf(fetch_smollm2(cache_dir))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        weights, tok = load_hf(path)
+        if tok is None:
+            raise FileNotFoundError(f"{path} has no tokenizer.json")
+        return weights, tok
+    if path.is_file():
+        return load_gguf(path)
+    raise FileNotFoundError(f"model not found: {source} (give a .gguf file, a Hugging Face "
+                            f"directory, or 'smollm2')")

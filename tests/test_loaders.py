@@ -158,3 +158,19 @@ def test_metadata_reader_without_contents_method(smollm2_path):
     for name, field in reader.fields.items():
         if hasattr(field, "contents"):
             assert loaders._gguf_field_value(OldField(field)) == field.contents(), name
+
+
+def test_load_model_dispatch(tmp_path, monkeypatch):
+    from decdec import fetch
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    assert loaders.load_model(path)[0].config.dim == DIM
+    # 'smollm2' goes through the verified fetch (faked here to return the tiny file).
+    monkeypatch.setattr(fetch, "fetch_smollm2", lambda cache_dir=None: path)
+    assert loaders.load_model("smollm2")[0].config.n_layers == LAYERS
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        loaders.load_model(tmp_path / "nope")
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        loaders.load_model(tmp_path / "hf")
