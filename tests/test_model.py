@@ -265,9 +265,9 @@ def test_smollm2_matches_transformers_gguf(smollm2_path, smollm2, smollm2_model)
     tokens = tok.encode("The quick brown fox jumps over the lazy dog. In 1813, Jane Austen wrote")
     ours = smollm2_model.forward(tokens)
     ref = _torch_logits64(hf, tokens)
-    # Logits span about +-40; float32 accumulation over 30 layers drifts a few 1e-4.
+    # Logits reach ~34 in magnitude; float32 over 30 layers measured 1.2e-4 from float64.
     err = np.abs(ours - ref).max()
-    assert err < 2e-3 * np.abs(ref).max(), err
+    assert err < 1e-3, err
     assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
