@@ -116,7 +116,7 @@ dd_status dd_cuda_bench_run(dd_cuda_bench *b, int mode, int32_t k_chunk, int32_t
 dd_status dd_cuda_bench_info(const dd_cuda_bench *b, size_t *layer_bytes, int *n_copies, int *n_sm);
 dd_status dd_cuda_bench_destroy(dd_cuda_bench *b);
 /* Bandwidth probes: HBM streaming read of `bytes` (GB/s), zero-copy read of pinned mapped host
- * memory by n_blocks x 512 threads (GB/s), cudaMemcpy host->device from pinned memory (GB/s). */
+ * memory by 2*zero_copy_blocks x 256 threads (GB/s), cudaMemcpy host->device from pinned memory (GB/s). */
 dd_status dd_cuda_bench_bandwidth(size_t bytes, int zero_copy_blocks, double *hbm_gbs,
                                   double *zero_copy_gbs, double *h2d_gbs);
 

@@ -289,13 +289,16 @@ extern "C" dd_status dd_cuda_bench_bandwidth(size_t bytes, int zero_copy_blocks,
     for (int it = 0; it < 2; it++) stream_read<<<n_sm * 8, 256>>>((const uint4 *)d, bytes / 16, sink);
     TRYCU(cudaEventRecord(e0));
     for (int it = 0; it < 10; it++) stream_read<<<n_sm * 8, 256>>>((const uint4 *)d, bytes / 16, sink);
+    TRYCU(cudaGetLastError());
     TRYCU(cudaEventRecord(e1));
     TRYCU(cudaEventSynchronize(e1));
     TRYCU(cudaEventElapsedTime(&ms, e0, e1));
     *hbm_gbs = 10.0 * bytes / (ms * 1e6);
-    stream_read<<<zero_copy_blocks, 512>>>((const uint4 *)hd, zc_bytes / 16 / 8, sink);
+    stream_read<<<zero_copy_blocks * 2, 256>>>((const uint4 *)hd, zc_bytes / 16 / 8, sink);
+    TRYCU(cudaGetLastError());
     TRYCU(cudaEventRecord(e0));
-    stream_read<<<zero_copy_blocks, 512>>>((const uint4 *)hd, zc_bytes / 16, sink);
+    stream_read<<<zero_copy_blocks * 2, 256>>>((const uint4 *)hd, zc_bytes / 16, sink);
+    TRYCU(cudaGetLastError());
     TRYCU(cudaEventRecord(e1));
     TRYCU(cudaEventSynchronize(e1));
     TRYCU(cudaEventElapsedTime(&ms, e0, e1));

@@ -7,9 +7,10 @@
  *   "lowest index first" fill of the cut bucket and the ascending compaction.  No shared-memory
  *   size depends on k_chunk: selected (index, x) pairs go to a device scratch of d_in slots.
  * fetch_kernel: n_tb blocks split the output columns; a block walks its columns in tiles of
- *   kTileUnits x 32 outputs, its threads spread over (selected row, 16-byte column unit) so that
- *   every row's bytes are read once, up to kUnroll loads in flight per thread; fp32 partial sums
- *   meet in shared memory (atomics), then one fp16 atomic per output pair merges into y.
+ *   32 units x 32 outputs: lanes over 16-byte column units (each warp reads 512 contiguous bytes
+ *   of a row), warps over selected rows, up to kUnroll loads in flight per thread, so every row
+ *   byte is read once; the fp32 partial sums meet in shared memory (plain stores, four rounds,
+ *   no atomics, no bank conflicts), then one fp16 atomic per output merges into y.
  */
 #include <cub/block/block_scan.cuh>
 
@@ -19,7 +20,6 @@ namespace {
 
 constexpr int kSelectThreads = 256;
 constexpr int kFetchThreads = 512;
-constexpr int kTileUnits = 64; /* 2048 outputs, 8 KB of shared fp32 */
 constexpr int kUnroll = 4;
 
 __device__ __forceinline__ int chunk_quota(int d_in, int chunk, int k_chunk) {
@@ -123,26 +123,34 @@ __device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float
     }
 }
 
+/* Partial sums of one round (8 of a thread's 32 outputs) for every (slot, unit) of a tile. */
+constexpr int kRoundVals = 8;
+
 __global__ void __launch_bounds__(kFetchThreads)
 fetch_kernel(const uint4 *__restrict__ rcodes, const __half *__restrict__ rscales,
              const int *__restrict__ idx, const float *__restrict__ xsel, int n_sel, int d_out,
-             __half *__restrict__ y, int y_pairs_aligned) {
-    __shared__ float red[kTileUnits * 32];
+             __half *__restrict__ y) {
+    __shared__ float part[kRoundVals * kFetchThreads];
     const int units = d_out / 32; /* 16-byte column units per residual row */
     const int per_block = (units + gridDim.x - 1) / gridDim.x;
     const int u_begin = blockIdx.x * per_block;
     const int u_end = min(units, u_begin + per_block);
-    const int t = threadIdx.x;
-    for (int tile = u_begin; tile < u_end; tile += kTileUnits) {
-        const int tu = min(kTileUnits, u_end - tile);
-        const int slots = blockDim.x / tu;
-        for (int i = t; i < tu * 32; i += blockDim.x) red[i] = 0.f;
-        __syncthreads();
-        const int slot = t / tu, unit = tile + t % tu;
-        if (slot < slots && slot < n_sel) {
-            float acc[32];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    for (int tile = u_begin; tile < u_end; tile += 32) {
+        /* lanes over up to 32 consecutive units (coalesced 16-byte reads of each row), lane
+         * groups and warps over selected rows ("slots") */
+        const int tu = min(32, u_end - tile);
+        const int groups_per_warp = 32 / tu;
+        int slots = (kFetchThreads / 32) * groups_per_warp;
+        if (slots > n_sel) slots = n_sel;
+        const int g = lane / tu, ul = lane % tu;
+        const int slot = warp * groups_per_warp + g;
+        const bool active = g < groups_per_warp && slot < slots;
+        float acc[32];
 #pragma unroll
-            for (int i = 0; i < 32; i++) acc[i] = 0.f;
+        for (int i = 0; i < 32; i++) acc[i] = 0.f;
+        if (active) {
+            const int unit = tile + ul;
             for (int r0 = slot; r0 < n_sel; r0 += kUnroll * slots) {
                 uint4 v[kUnroll];
                 float xv[kUnroll];
@@ -161,24 +169,24 @@ fetch_kernel(const uint4 *__restrict__ rcodes, const __half *__restrict__ rscale
                 for (int k = 0; k < kUnroll; k++)
                     if (xv[k] != 0.f) accumulate_codes(v[k], xv[k], acc);
             }
-            float *dst = red + (unit - tile) * 32;
+        }
+        /* reduce over slots without atomics: 4 rounds of 8 values through shared memory */
 #pragma unroll
-            for (int i = 0; i < 32; i++) atomicAdd(dst + i, acc[i]);
-        }
-        __syncthreads();
-        const int o0 = tile * 32;
-        if (y_pairs_aligned) {
-            for (int p = t; p < tu * 16; p += blockDim.x) {
-                const int o = o0 + 2 * p;
-                const float a = red[2 * p] * __half2float(rscales[o]);
-                const float b = red[2 * p + 1] * __half2float(rscales[o + 1]);
-                atomicAdd(reinterpret_cast<__half2 *>(y + o), __floats2half2_rn(a, b));
+        for (int q = 0; q < 32 / kRoundVals; q++) {
+            if (active) {
+#pragma unroll
+                for (int k = 0; k < kRoundVals; k++) part[(k * slots + slot) * tu + ul] = acc[q * kRoundVals + k];
             }
-        } else {
-            for (int p = t; p < tu * 32; p += blockDim.x)
-                atomicAdd(y + o0 + p, __float2half_rn(red[p] * __half2float(rscales[o0 + p])));
+            __syncthreads();
+            for (int o = t; o < kRoundVals * tu; o += blockDim.x) {
+                const int k = o / tu, u = o % tu;
+                float sum = 0.f;
+                for (int sl = 0; sl < slots; sl++) sum += part[(k * slots + sl) * tu + u];
+                const int out = (tile + u) * 32 + q * kRoundVals + k;
+                atomicAdd(y + out, __float2half_rn(sum * __half2float(rscales[out])));
+            }
+            __syncthreads();
         }
-        __syncthreads();
     }
 }
 
@@ -211,10 +219,9 @@ extern "C" dd_status dd_cuda_dec_fetch(const dd_shape *s, const uint8_t *rcodes_
     const int units = s->d_out / 32;
     if (n_tb < 1) n_tb = 1;
     if (n_tb > units) n_tb = units;
-    const int aligned = ((uintptr_t)d_y & 3) == 0;
     fetch_kernel<<<n_tb, kFetchThreads, 0, (cudaStream_t)stream>>>(
         reinterpret_cast<const uint4 *>(rcodes_mapped), reinterpret_cast<const __half *>(d_rscales),
-        d_idx, d_xsel, n_sel, s->d_out, reinterpret_cast<__half *>(d_y), aligned);
+        d_idx, d_xsel, n_sel, s->d_out, reinterpret_cast<__half *>(d_y));
     DD_CK_LAUNCH("fetch_kernel");
     return DD_OK;
 }

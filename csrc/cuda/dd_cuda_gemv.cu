@@ -23,7 +23,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;
 constexpr uint32_t kMagic = 0x64006400u;
 
 __device__ __forceinline__ __half2 as_h2(uint32_t v) {
@@ -57,22 +56,31 @@ __device__ __forceinline__ uint32_t spread16(uint32_t hiword, uint32_t selector)
     return t;
 }
 
-/* Position of element j's staged activation (one fp16 per element, permuted within its word),
- * and the power of two it is pre-divided by. */
+/* Position of element j's staged activation (one fp16 per element), and the power of two it is
+ * pre-divided by.  Layout: [v][unit][slot][half] with v the 16-byte vector within a unit (4 for
+ * 4-bit, 8 for 3-bit), so lanes reading consecutive units read consecutive 16-byte vectors
+ * (no bank conflicts). */
 template <int BITS>
-__device__ __forceinline__ int staged_index(int j, float *prescale) {
+__device__ __forceinline__ int staged_index(int j, int n_units, float *prescale) {
+    int u, v, i, hi;
     if (BITS == 4) {
-        const int word = j >> 3, k = j & 7, i = k & 3, hi = k >> 2;
-        *prescale = (i & 1) ? 0.0625f : 1.0f;
-        return (word * 4 + i) * 2 + hi;
+        const int k = j & 7;
+        u = j >> 5;
+        v = (j & 31) >> 3;
+        i = k & 3;
+        hi = k >> 2;
     } else {
-        const int word = j >> 4, m = j & 15, parity = m & 1, a = m >> 1, i = a & 3, hi = a >> 2;
-        *prescale = (i & 1) ? 0.0625f : 1.0f;
-        return (word * 8 + parity * 4 + i) * 2 + hi;
+        const int m = j & 15, a = m >> 1;
+        u = j >> 6;
+        v = 2 * ((j & 63) >> 4) + (m & 1);
+        i = a & 3;
+        hi = a >> 2;
     }
+    *prescale = (i & 1) ? 0.0625f : 1.0f;
+    return ((v * n_units + u) * 4 + i) * 2 + hi;
 }
 
-template <int BITS>
+template <int BITS, int ROWS>
 __global__ void __launch_bounds__(kThreads)
 gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
                  const __half *__restrict__ zeros, const __half *__restrict__ x,
@@ -98,7 +106,8 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
         if (m > 0.f && m <= 3.0e38f) frexpf(m, &e); /* m = f * 2^e, f in [0.5, 1) */
         const float down = ldexpf(1.f, -e);
         float p0, p1;
-        const int i0 = staged_index<BITS>(j0, &p0), i1 = staged_index<BITS>(j0 + 1, &p1);
+        const int i0 = staged_index<BITS>(j0, d_in_pad / kUnitElems, &p0);
+        const int i1 = staged_index<BITS>(j0 + 1, d_in_pad / kUnitElems, &p1);
         xs[i0] = __float2half_rn(a0 * down * p0);
         xs[i1] = __float2half_rn(a1 * down * p1);
         if (lane == 0) seg_unscale[seg] = ldexpf(1.f, e);
@@ -126,66 +135,83 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     const uint4 *xs4 = smem_u4;
     const int total_warps = gridDim.x * kWarps;
 
-    for (int row0 = (blockIdx.x * kWarps + warp) * rows_per_warp; row0 < d_out;
-         row0 += total_warps * rows_per_warp) {
-        const int r = row0 + sub;
-        float acc = 0.f;
-        if (r < d_out) {
-            const uint8_t *row = qweight + (size_t)r * row_bytes;
-            const __half *srow = scales + (size_t)r * n_groups;
-            const __half *zrow = zeros + (size_t)r * n_groups;
-            for (int u0 = pl; u0 < n_units; u0 += kUnroll * lanes_per_row) {
-                uint4 lo[kUnroll];
-                uint2 hi[kUnroll];
+    /* Each lane group owns ROWS rows at once: one staged-x read from shared memory serves ROWS
+     * rows of weights (shared-memory traffic per weight byte / ROWS). */
+    const int rows_step = rows_per_warp * ROWS;
+    for (int row0 = (blockIdx.x * kWarps + warp) * rows_step; row0 < d_out;
+         row0 += total_warps * rows_step) {
+        const int rbase = row0 + sub * ROWS;
+        float acc[ROWS];
 #pragma unroll
-                for (int t = 0; t < kUnroll; t++) {
-                    const int u = u0 + t * lanes_per_row;
-                    if (u < n_units) {
-                        lo[t] = __ldcs(reinterpret_cast<const uint4 *>(row) + u);
-                        if (BITS == 3)
-                            hi[t] = __ldcs(reinterpret_cast<const uint2 *>(row + d_in_pad / 4) + u);
-                    }
+        for (int k = 0; k < ROWS; k++) acc[k] = 0.f;
+        if (rbase < d_out) { /* d_out % 32 == 0 and ROWS | 32: the whole group is in range */
+#pragma unroll 2
+            for (int u = pl; u < n_units; u += lanes_per_row) {
+                uint4 lo[ROWS];
+                uint2 hi[ROWS];
+#pragma unroll
+                for (int k = 0; k < ROWS; k++) {
+                    const uint8_t *row = qweight + (size_t)(rbase + k) * row_bytes;
+                    lo[k] = __ldcs(reinterpret_cast<const uint4 *>(row) + u);
+                    if (BITS == 3) hi[k] = __ldcs(reinterpret_cast<const uint2 *>(row + d_in_pad / 4) + u);
                 }
+                const int g = u * kUnitElems / group_size;
+                const int seg = BITS == 4 ? (u >> 1) : u;
+                const float unscale = seg_unscale[seg], xsum = unit_sum[u];
+                if (BITS == 4) {
+                    uint4 xv[4];
 #pragma unroll
-                for (int t = 0; t < kUnroll; t++) {
-                    const int u = u0 + t * lanes_per_row;
-                    if (u >= n_units) break;
-                    const int g = u * kUnitElems / group_size;
-                    const float s = __half2float(srow[g]);
-                    const float z = __half2float(zrow[g]);
-                    __half2 p = __float2half2_rn(0.f);
-                    if (BITS == 4) {
-                        const uint4 *xu = xs4 + u * 4;
-                        p = nibble_word_dot(lo[t].x, xu[0], p, bias_lo, bias_hi);
-                        p = nibble_word_dot(lo[t].y, xu[1], p, bias_lo, bias_hi);
-                        p = nibble_word_dot(lo[t].z, xu[2], p, bias_lo, bias_hi);
-                        p = nibble_word_dot(lo[t].w, xu[3], p, bias_lo, bias_hi);
-                    } else {
-                        const uint4 *xu = xs4 + u * 8;
-                        const uint32_t low[4] = {lo[t].x, lo[t].y, lo[t].z, lo[t].w};
+                    for (int v = 0; v < 4; v++) xv[v] = xs4[v * n_units + u];
 #pragma unroll
-                        for (int k = 0; k < 4; k++) {
-                            const uint32_t hw = k < 2 ? hi[t].x : hi[t].y;
-                            const uint32_t sp = spread16(hw, (k & 1) ? 0x4342u : 0x4140u);
+                    for (int k = 0; k < ROWS; k++) {
+                        __half2 p = __float2half2_rn(0.f);
+                        p = nibble_word_dot(lo[k].x, xv[0], p, bias_lo, bias_hi);
+                        p = nibble_word_dot(lo[k].y, xv[1], p, bias_lo, bias_hi);
+                        p = nibble_word_dot(lo[k].z, xv[2], p, bias_lo, bias_hi);
+                        p = nibble_word_dot(lo[k].w, xv[3], p, bias_lo, bias_hi);
+                        const float2 pf = __half22float2(p);
+                        const size_t gi = (size_t)(rbase + k) * n_groups + g;
+                        const float sc = __half2float(scales[gi]), z = __half2float(zeros[gi]);
+                        acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
+                    }
+                } else {
+                    __half2 p[ROWS];
+#pragma unroll
+                    for (int k = 0; k < ROWS; k++) p[k] = __float2half2_rn(0.f);
+#pragma unroll
+                    for (int w = 0; w < 4; w++) {
+                        const uint4 xe = xs4[(2 * w) * n_units + u];
+                        const uint4 xo = xs4[(2 * w + 1) * n_units + u];
+#pragma unroll
+                        for (int k = 0; k < ROWS; k++) {
+                            const uint32_t low = w == 0 ? lo[k].x : w == 1 ? lo[k].y : w == 2 ? lo[k].z : lo[k].w;
+                            const uint32_t hw = w < 2 ? hi[k].x : hi[k].y;
+                            const uint32_t sp = spread16(hw, (w & 1) ? 0x4342u : 0x4140u);
                             /* nibble words: even elements (lo bits | hi bit at +2), odd ones */
-                            const uint32_t ce = (low[k] & 0x33333333u) | ((sp << 2) & 0xCCCCCCCCu);
-                            const uint32_t co = ((low[k] >> 2) & 0x33333333u) | (sp & 0xCCCCCCCCu);
-                            p = nibble_word_dot(ce, xu[2 * k], p, bias_lo, bias_hi);
-                            p = nibble_word_dot(co, xu[2 * k + 1], p, bias_lo, bias_hi);
+                            const uint32_t ce = (low & 0x33333333u) | ((sp << 2) & 0xCCCCCCCCu);
+                            const uint32_t co = ((low >> 2) & 0x33333333u) | (sp & 0xCCCCCCCCu);
+                            p[k] = nibble_word_dot(ce, xe, p[k], bias_lo, bias_hi);
+                            p[k] = nibble_word_dot(co, xo, p[k], bias_lo, bias_hi);
                         }
                     }
-                    const float2 pf = __half22float2(p);
-                    const int seg = BITS == 4 ? (u >> 1) : u;
-                    const float d = (pf.x + pf.y) * seg_unscale[seg];
-                    acc += s * (d - (z - centre) * unit_sum[u]);
+#pragma unroll
+                    for (int k = 0; k < ROWS; k++) {
+                        const float2 pf = __half22float2(p[k]);
+                        const size_t gi = (size_t)(rbase + k) * n_groups + g;
+                        const float sc = __half2float(scales[gi]), z = __half2float(zeros[gi]);
+                        acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
+                    }
                 }
             }
         }
-        for (int off = lanes_per_row / 2; off; off >>= 1)
-            acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (pl == 0 && r < d_out) {
-            if (accumulate) atomicAdd(y + r, __float2half_rn(acc));
-            else y[r] = __float2half_rn(acc);
+#pragma unroll
+        for (int k = 0; k < ROWS; k++) {
+            float a = acc[k];
+            for (int off = lanes_per_row / 2; off; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+            if (pl == 0 && rbase < d_out) {
+                if (accumulate) atomicAdd(y + rbase + k, __float2half_rn(a));
+                else y[rbase + k] = __float2half_rn(a);
+            }
         }
     }
 }
@@ -212,14 +238,21 @@ extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweig
     const int n_units = d_in_pad / (s->bits == 4 ? 32 : 64);
     int lanes = 32;
     while (lanes > 1 && lanes / 2 >= n_units) lanes /= 2;
-    const int rows_per_block = kWarps * (32 / lanes);
-    auto kernel = s->bits == 4 ? gemv_base_kernel<4> : gemv_base_kernel<3>;
+    if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
+    /* rows per lane group: as many as keep >= 12 warps per usable SM busy */
+    const long groups = (long)s->d_out / 1; /* row groups of ROWS rows */
+    int rows = 4;
+    while (rows > 1 && groups / rows * lanes / 32 < 12L * n_sm_free) rows /= 2;
+    const int rows_per_block = kWarps * (32 / lanes) * rows;
+    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int,
+                   int, int, int, int, int);
+    if (s->bits == 4) kernel = rows == 4 ? gemv_base_kernel<4, 4> : rows == 2 ? gemv_base_kernel<4, 2> : gemv_base_kernel<4, 1>;
+    else kernel = rows == 4 ? gemv_base_kernel<3, 4> : rows == 2 ? gemv_base_kernel<3, 2> : gemv_base_kernel<3, 1>;
     if (smem > 48 * 1024) DD_CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                      (int)smem));
     int per_sm = 0;
     DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     if (per_sm < 1) per_sm = 1;
-    if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     long blocks = ((long)s->d_out + rows_per_block - 1) / rows_per_block;
     if (blocks > (long)n_sm_free * per_sm) blocks = (long)n_sm_free * per_sm;
     kernel<<<(unsigned)blocks, kThreads, smem, (cudaStream_t)stream>>>(

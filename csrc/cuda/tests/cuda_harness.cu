@@ -141,6 +141,7 @@ static void test_layer(int d_in, int d_out, int bits, int gs) {
             make_x(h, f, d_in, 12.f, trial & 1, trial >= 2 ? 5 + d_in / 50 : 0);
             OK(dd_cuda_memcpy(dx, h.data(), h.size() * 2, 0, NULL, 1));
             const int kt = dd_total_quota(d_in, kc);
+            if (kt == 0) continue;
             std::vector<int32_t> gi(kt), ci(kt);
             int32_t gn = 0, cn = 0;
             OK(dd_cuda_layer_select(G, dx, gi.data(), &gn, NULL));
@@ -293,7 +294,7 @@ static int run_bench(int quick) {
                 printf("JSON {\"kind\":\"reserved\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"n_tb\":%d,\"us_base_reserved\":%.3f,\"slowdown\":%.4f,\"us_dec_only_k8\":%.3f}\n",
                        sh.d_in, sh.d_out, bits, ntb, t_res, t_res / t_base - 1, t_dec8);
                 for (int kc : kcs) {
-                    if (quick && kc != 8 && kc != 0) continue;
+                    if (quick && kc != 8 && kc != 16) continue;
                     double t_f;
                     OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, kc, ntb, iters, reps, &t_f));
                     double t_s = -1;
@@ -309,9 +310,27 @@ static int run_bench(int quick) {
     return 0;
 }
 
+static int run_probe() {
+    /* parts of one 4096x4096 3-bit layer call, event-timed outside graphs (median of 50) */
+    for (int d : {4096, 14336}) {
+        dd_shape s = {d, 4096, 3, 128};
+        dd_cuda_bench *b;
+        OK(dd_cuda_bench_create(&s, 0, 11, &b));
+        for (int ntb : {8, 16, 32}) {
+            double t_dec, t_base;
+            OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 8, ntb, 40, 7, &t_dec));
+            OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, ntb, 40, 7, &t_base));
+            printf("probe %d->4096 3b n_tb %d: dec-only k8 %.2f us, base %.2f us\n", d, ntb, t_dec, t_base);
+        }
+        OK(dd_cuda_bench_destroy(b));
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (dd_cuda_device_count() <= 0) { printf("no CUDA device\n"); return 2; }
     const int quick = argc > 2 && strcmp(argv[2], "quick") == 0;
     if (argc > 1 && strcmp(argv[1], "bench") == 0) return run_bench(quick);
+    if (argc > 1 && strcmp(argv[1], "probe") == 0) return run_probe();
     return run_tests(quick);
 }
