@@ -223,6 +223,8 @@ def fold_layer(layer: dict, scales: LayerScales, config) -> dict:
     out["wq"] = (layer["wq"] * s_attn[None, :]).astype(np.float32)
     out["wk"] = (layer["wk"] * s_attn[None, :]).astype(np.float32)
     out["wv"] = (layer["wv"] * s_attn[None, :] / s_v[:, None]).astype(np.float32)
+    if layer.get("bv") is not None:  # a v bias (Qwen2) is part of v's output: scaled with its row
+        out["bv"] = (layer["bv"] / s_v).astype(np.float32)
     out["wo"] = (layer["wo"] * s_o[None, :]).astype(np.float32)
     out["ffn_norm"] = (layer["ffn_norm"] / s_ffn).astype(np.float32)
     out["w_gate"] = (layer["w_gate"] * s_ffn[None, :]).astype(np.float32)

@@ -133,6 +133,7 @@ class QuantizedBlock:
     ffn_norm: np.ndarray
     scales: LayerScales      # AWQ input scales (ones for RTN)
     linears: dict            # name -> QuantizedLinear
+    biases: dict = field(default_factory=dict)   # bq/bk/bv (Qwen2-style), folded like their rows
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _weights_with_blocks(qm: QuantizedModel, dequantized: bool):
     from .model import LlamaWeights
     layers = []
     for b in qm.blocks:
-        d = {"attn_norm": b.attn_norm, "ffn_norm": b.ffn_norm}
+        d = {"attn_norm": b.attn_norm, "ffn_norm": b.ffn_norm, **b.biases}
         for name, ql in b.linears.items():
             d[name] = ql.qweight.dequantize() if dequantized else None
         layers.append(d)
@@ -291,7 +292,7 @@ def block_sensitivity(weights, per_bits_blocks: dict, low_bits: int, tokens, pro
                    disable=not progress):
         blk = per_bits_blocks[low_bits][l]
         layers = list(weights.layers)
-        layers[l] = dict(layers[l], attn_norm=blk.attn_norm, ffn_norm=blk.ffn_norm)
+        layers[l] = dict(layers[l], attn_norm=blk.attn_norm, ffn_norm=blk.ffn_norm, **blk.biases)
         w = dataclasses.replace(weights, layers=layers)
         linears = {(l, name): DenseLinear(ql.qweight.dequantize()) for name, ql in blk.linears.items()}
         out[l] = _kl_rows(ref, LlamaModel(w, linears).forward(tokens)).mean()
@@ -339,7 +340,8 @@ def quantize_models(weights, calib_tokens, bits_list=(3, 4), method: str = "awq"
         scales, folded, pairs = _quantize_block(weights.layers[l], config, b, group_size, method,
                                                 st, alpha_grid, clip_grid)
         linears = {name: QuantizedLinear(qw, cs, None) for name, (qw, cs) in pairs.items()}
-        return QuantizedBlock(b, folded["attn_norm"], folded["ffn_norm"], scales, linears)
+        biases = {k: folded[k] for k in ("bq", "bk", "bv") if folded.get(k) is not None}
+        return QuantizedBlock(b, folded["attn_norm"], folded["ffn_norm"], scales, linears, biases)
 
     # Blocks are independent; NumPy releases the GIL in its kernels, so threads use every core.
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
