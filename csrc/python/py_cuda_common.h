@@ -1,0 +1,20 @@
+/* Shared by py_device_array.c and py_declinear_cuda.c (CUDA builds only). */
+#ifndef DD_PY_CUDA_COMMON_H
+#define DD_PY_CUDA_COMMON_H
+#include "../cuda/dd_cuda.h"
+
+typedef struct {
+    void *ptr;
+    int ndim;             /* -1 for a raw int pointer */
+    Py_ssize_t shape[2];
+    int typenum;          /* -1 for a raw int pointer */
+    int device;
+    int raw;
+    long long stream;     /* from __cuda_array_interface__; -1 when absent */
+} dd_device_view;
+
+/* Parse a DeviceArray / __cuda_array_interface__ object / int pointer; -1 + exception. */
+int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v);
+PyObject *dd_py_device_array_empty(int ndim, const Py_ssize_t *shape, int typenum);
+PyObject *dd_py_cuda_raise(dd_status st, const char *context);
+#endif

@@ -1,0 +1,488 @@
+/* decdec.DeviceArray: a small owning GPU array (allocate, upload from NumPy, download to NumPy)
+ * exporting __cuda_array_interface__ v3 and DLPack, so decdec runs on the GPU without torch;
+ * plus the parser that turns any CAI / DLPack / DeviceArray / int pointer into a device view,
+ * and the module-level benchmark hooks used by decdec.bench. */
+#include <string.h>
+
+#include "dd_python.h"
+#include "py_cuda_common.h"
+
+/* ---- minimal DLPack ABI (dlpack.h v0.8, unversioned capsule "dltensor") ------------------- */
+typedef struct { int32_t device_type; int32_t device_id; } DLDevice;
+typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;
+typedef struct {
+    void *data; DLDevice device; int32_t ndim; DLDataType dtype;
+    int64_t *shape; int64_t *strides; uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor; void *manager_ctx; void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+enum { kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3 };
+enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2 };
+
+typedef struct {
+    PyObject_HEAD
+    void *ptr;
+    size_t nbytes;
+    int ndim;
+    Py_ssize_t shape[2];
+    int typenum; /* NPY_FLOAT16, NPY_FLOAT32, NPY_UINT8, NPY_INT32 */
+    int device;
+} DeviceArrayObject;
+
+static PyTypeObject DeviceArray_Type;
+
+static const char *typestr_of(int typenum) {
+    switch (typenum) {
+    case NPY_FLOAT16: return "<f2";
+    case NPY_FLOAT32: return "<f4";
+    case NPY_UINT8: return "|u1";
+    case NPY_INT32: return "<i4";
+    }
+    return NULL;
+}
+
+static int typenum_of(const char *ts) {
+    if (!strcmp(ts, "<f2")) return NPY_FLOAT16;
+    if (!strcmp(ts, "<f4")) return NPY_FLOAT32;
+    if (!strcmp(ts, "|u1")) return NPY_UINT8;
+    if (!strcmp(ts, "<i4")) return NPY_INT32;
+    return -1;
+}
+
+PyObject *dd_py_cuda_raise(dd_status st, const char *context) {
+    if (st == DD_ERR_CUDA_OUT_OF_MEMORY)
+        return PyErr_Format(PyExc_MemoryError, "%s: out of GPU memory (%s)", context, dd_cuda_last_error());
+    if (st == DD_ERR_CUDA || st == DD_ERR_NO_DEVICE)
+        return PyErr_Format(DecdecCudaError, "%s: %s (%s)", context, dd_strerror(st), dd_cuda_last_error());
+    return dd_py_raise(st, context);
+}
+
+static DeviceArrayObject *device_array_new(int ndim, const Py_ssize_t *shape, int typenum) {
+    size_t n = 1;
+    for (int d = 0; d < ndim; d++) n *= (size_t)shape[d];
+    PyArray_Descr *descr = PyArray_DescrFromType(typenum);
+    size_t nbytes = n * (size_t)PyDataType_ELSIZE(descr);
+    Py_DECREF(descr);
+    DeviceArrayObject *a = PyObject_New(DeviceArrayObject, &DeviceArray_Type);
+    if (!a) return NULL;
+    a->ptr = NULL;
+    a->nbytes = nbytes;
+    a->ndim = ndim;
+    a->shape[0] = ndim > 0 ? shape[0] : 1;
+    a->shape[1] = ndim > 1 ? shape[1] : 1;
+    a->typenum = typenum;
+    a->device = 0;
+    dd_status st = dd_cuda_get_device(&a->device);
+    void *p = NULL;
+    if (st == DD_OK) st = dd_cuda_malloc(&p, nbytes);
+    if (st != DD_OK) {
+        Py_DECREF(a);
+        dd_py_cuda_raise(st, "allocating a DeviceArray");
+        return NULL;
+    }
+    a->ptr = p;
+    return a;
+}
+
+PyObject *dd_py_device_array_empty(int ndim, const Py_ssize_t *shape, int typenum) {
+    return (PyObject *)device_array_new(ndim, shape, typenum);
+}
+
+static void device_array_dealloc(DeviceArrayObject *a) {
+    if (a->ptr) {
+        int prev = -1;
+        if (dd_cuda_get_device(&prev) == DD_OK && prev != a->device) dd_cuda_set_device(a->device);
+        dd_cuda_free(a->ptr);
+        if (prev >= 0 && prev != a->device) dd_cuda_set_device(prev);
+    }
+    PyObject_Free(a);
+}
+
+/* DeviceArray(numpy_array) uploads; DeviceArray.empty(shape, dtype) allocates. */
+static PyObject *device_array_from_numpy(PyObject *obj) {
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROMANY(obj, NPY_NOTYPE, 0, 0, NPY_ARRAY_CARRAY_RO);
+    if (!arr) return NULL;
+    if (PyArray_NDIM(arr) < 1 || PyArray_NDIM(arr) > 2 || !typestr_of(PyArray_TYPE(arr))) {
+        PyErr_Format(PyExc_TypeError, "DeviceArray holds 1-D or 2-D float16/float32/uint8/int32 data, got "
+                     "%d-D %S", PyArray_NDIM(arr), (PyObject *)PyArray_DESCR(arr));
+        Py_DECREF(arr);
+        return NULL;
+    }
+    Py_ssize_t shape[2] = {PyArray_DIM(arr, 0), PyArray_NDIM(arr) > 1 ? PyArray_DIM(arr, 1) : 1};
+    DeviceArrayObject *a = device_array_new(PyArray_NDIM(arr), shape, PyArray_TYPE(arr));
+    if (a) {
+        dd_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = dd_cuda_memcpy(a->ptr, PyArray_DATA(arr), a->nbytes, 0, NULL, 1);
+        Py_END_ALLOW_THREADS
+        if (st != DD_OK) {
+            Py_CLEAR(a);
+            dd_py_cuda_raise(st, "uploading to a DeviceArray");
+        }
+    }
+    Py_DECREF(arr);
+    return (PyObject *)a;
+}
+
+static PyObject *device_array_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    (void)type;
+    static char *kwlist[] = {"array", NULL};
+    PyObject *obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:DeviceArray", kwlist, &obj)) return NULL;
+    if (dd_cuda_device_count() <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "DeviceArray: no usable CUDA device or driver");
+        return NULL;
+    }
+    return device_array_from_numpy(obj);
+}
+
+static PyObject *device_array_empty(PyObject *cls, PyObject *args) {
+    (void)cls;
+    PyObject *shape_obj, *dtype_obj = NULL;
+    if (!PyArg_ParseTuple(args, "O|O:empty", &shape_obj, &dtype_obj)) return NULL;
+    PyArray_Descr *descr = NULL;
+    if (!PyArray_DescrConverter2(dtype_obj ? dtype_obj : Py_None, &descr)) return NULL;
+    int typenum = descr ? descr->type_num : NPY_FLOAT16;
+    Py_XDECREF(descr);
+    if (!typestr_of(typenum)) {
+        PyErr_SetString(PyExc_TypeError, "DeviceArray.empty: dtype must be float16, float32, uint8 or int32");
+        return NULL;
+    }
+    Py_ssize_t shape[2] = {1, 1};
+    int ndim = 1;
+    if (PyLong_Check(shape_obj)) shape[0] = PyLong_AsSsize_t(shape_obj);
+    else if (!PyArg_ParseTuple(shape_obj, "n|n", &shape[0], &shape[1])) return NULL;
+    else ndim = (int)PyTuple_GET_SIZE(shape_obj);
+    if (PyErr_Occurred()) return NULL;
+    if (shape[0] < 0 || shape[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "DeviceArray.empty: negative dimension");
+        return NULL;
+    }
+    return (PyObject *)device_array_new(ndim, shape, typenum);
+}
+
+static PyObject *device_array_numpy(DeviceArrayObject *a, PyObject *noargs) {
+    (void)noargs;
+    npy_intp dims[2] = {a->shape[0], a->shape[1]};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(a->ndim, dims, a->typenum);
+    if (!out) return NULL;
+    dd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dd_cuda_memcpy(PyArray_DATA(out), a->ptr, a->nbytes, 1, NULL, 1);
+    Py_END_ALLOW_THREADS
+    if (st != DD_OK) {
+        Py_DECREF(out);
+        return dd_py_cuda_raise(st, "downloading a DeviceArray");
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *shape_tuple(const DeviceArrayObject *a) {
+    return a->ndim == 1 ? Py_BuildValue("(n)", a->shape[0]) : Py_BuildValue("(nn)", a->shape[0], a->shape[1]);
+}
+
+static PyObject *device_array_cai(DeviceArrayObject *a, void *c) {
+    (void)c;
+    /* stream None: the data is ready once the producing call returned (uploads synchronise;
+     * DecLinear.forward results are ordered on the stream the caller gave) */
+    PyObject *shape = shape_tuple(a);
+    if (!shape) return NULL;
+    PyObject *d = Py_BuildValue("{s:N,s:s,s:(K,O),s:O,s:i,s:O}", "shape", shape, "typestr",
+                                typestr_of(a->typenum), "data", (unsigned long long)(uintptr_t)a->ptr,
+                                Py_False, "strides", Py_None, "version", 3, "stream", Py_None);
+    return d;
+}
+
+static PyObject *get_shape(DeviceArrayObject *a, void *c) { (void)c; return shape_tuple(a); }
+static PyObject *get_dtype(DeviceArrayObject *a, void *c) {
+    (void)c;
+    return (PyObject *)PyArray_DescrFromType(a->typenum);
+}
+static PyObject *get_ptr(DeviceArrayObject *a, void *c) { (void)c; return PyLong_FromVoidPtr(a->ptr); }
+static PyObject *get_nbytes(DeviceArrayObject *a, void *c) { (void)c; return PyLong_FromSize_t(a->nbytes); }
+static PyObject *get_device(DeviceArrayObject *a, void *c) { (void)c; return PyLong_FromLong(a->device); }
+
+/* DLPack export: the capsule keeps the DeviceArray alive until the consumer's deleter runs. */
+typedef struct { DLManagedTensor m; int64_t shape[2]; PyObject *owner; } dd_dl_holder;
+
+static void dl_deleter(DLManagedTensor *m) {
+    dd_dl_holder *h = (dd_dl_holder *)m->manager_ctx;
+    if (!h) return;
+    if (Py_IsInitialized()) { /* during interpreter shutdown do nothing */
+        PyGILState_STATE g = PyGILState_Ensure();
+        Py_XDECREF(h->owner);
+        PyMem_RawFree(h);
+        PyGILState_Release(g);
+    }
+}
+
+static void capsule_destructor(PyObject *cap) {
+    if (PyCapsule_IsValid(cap, "used_dltensor")) return; /* consumed: the consumer owns it */
+    DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
+    if (m && m->deleter) m->deleter(m);
+    else PyErr_Clear();
+}
+
+static PyObject *device_array_dlpack(DeviceArrayObject *a, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
+    PyObject *stream = Py_None, *max_version = Py_None, *dl_device = Py_None, *copy = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOO:__dlpack__", kwlist, &stream, &max_version,
+                                     &dl_device, &copy))
+        return NULL;
+    if (copy == Py_True) {
+        PyErr_SetString(PyExc_BufferError, "DeviceArray.__dlpack__: copy=True is not supported");
+        return NULL;
+    }
+    dd_dl_holder *h = (dd_dl_holder *)PyMem_RawCalloc(1, sizeof *h);
+    if (!h) return PyErr_NoMemory();
+    h->shape[0] = a->shape[0];
+    h->shape[1] = a->shape[1];
+    h->owner = (PyObject *)a;
+    Py_INCREF(a);
+    DLTensor *t = &h->m.dl_tensor;
+    t->data = a->ptr;
+    t->device.device_type = kDLCUDA;
+    t->device.device_id = a->device;
+    t->ndim = a->ndim;
+    t->shape = h->shape;
+    t->strides = NULL;
+    t->byte_offset = 0;
+    switch (a->typenum) {
+    case NPY_FLOAT16: t->dtype = (DLDataType){kDLFloat, 16, 1}; break;
+    case NPY_FLOAT32: t->dtype = (DLDataType){kDLFloat, 32, 1}; break;
+    case NPY_UINT8: t->dtype = (DLDataType){kDLUInt, 8, 1}; break;
+    default: t->dtype = (DLDataType){kDLInt, 32, 1}; break;
+    }
+    h->m.manager_ctx = h;
+    h->m.deleter = dl_deleter;
+    PyObject *cap = PyCapsule_New(&h->m, "dltensor", capsule_destructor);
+    if (!cap) {
+        Py_DECREF(a);
+        PyMem_RawFree(h);
+    }
+    return cap;
+}
+
+static PyObject *device_array_dlpack_device(DeviceArrayObject *a, PyObject *noargs) {
+    (void)noargs;
+    return Py_BuildValue("(ii)", kDLCUDA, a->device);
+}
+
+static PyObject *device_array_repr(DeviceArrayObject *a) {
+    PyObject *shape = shape_tuple(a);
+    if (!shape) return NULL;
+    PyObject *r = PyUnicode_FromFormat("DeviceArray(shape=%S, dtype=%s, device=cuda:%d)", shape,
+                                       typestr_of(a->typenum), a->device);
+    Py_DECREF(shape);
+    return r;
+}
+
+static PyMethodDef device_array_methods[] = {
+    {"numpy", (PyCFunction)device_array_numpy, METH_NOARGS, "Download to a new NumPy array."},
+    {"empty", (PyCFunction)device_array_empty, METH_VARARGS | METH_CLASS,
+     "DeviceArray.empty(shape, dtype=float16): uninitialised device memory."},
+    {"__dlpack__", (PyCFunction)(void (*)(void))device_array_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "DLPack export (kDLCUDA)."},
+    {"__dlpack_device__", (PyCFunction)device_array_dlpack_device, METH_NOARGS, "(kDLCUDA, device id)"},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef device_array_getset[] = {
+    {"__cuda_array_interface__", (getter)device_array_cai, NULL, "CUDA array interface v3", NULL},
+    {"shape", (getter)get_shape, NULL, "shape", NULL},
+    {"dtype", (getter)get_dtype, NULL, "NumPy dtype", NULL},
+    {"ptr", (getter)get_ptr, NULL, "device pointer (int)", NULL},
+    {"nbytes", (getter)get_nbytes, NULL, "bytes", NULL},
+    {"device", (getter)get_device, NULL, "CUDA device ordinal", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject DeviceArray_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "decdec.DeviceArray",
+    .tp_basicsize = sizeof(DeviceArrayObject),
+    .tp_dealloc = (destructor)device_array_dealloc,
+    .tp_repr = (reprfunc)device_array_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "DeviceArray(numpy_array): a GPU copy of a 1-D/2-D float16, float32, uint8 or int32 "
+              "array; .numpy() downloads; exports __cuda_array_interface__ and DLPack.",
+    .tp_methods = device_array_methods,
+    .tp_getset = device_array_getset,
+    .tp_new = device_array_tp_new,
+};
+
+/* ---- importing device views ------------------------------------------------------------ */
+
+int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
+    memset(v, 0, sizeof *v);
+    v->stream = -1; /* none given */
+    if (PyLong_Check(obj)) { /* a raw pointer: the caller vouches for dtype and shape */
+        v->ptr = PyLong_AsVoidPtr(obj);
+        if (PyErr_Occurred()) return -1;
+        v->raw = 1;
+        v->ndim = -1;
+        v->typenum = -1;
+    } else if (PyObject_TypeCheck(obj, &DeviceArray_Type)) {
+        DeviceArrayObject *a = (DeviceArrayObject *)obj;
+        v->ptr = a->ptr;
+        v->ndim = a->ndim;
+        v->shape[0] = a->shape[0];
+        v->shape[1] = a->shape[1];
+        v->typenum = a->typenum;
+    } else {
+        PyObject *cai = PyObject_GetAttrString(obj, "__cuda_array_interface__");
+        if (!cai) {
+            PyErr_Clear();
+            if (PyArray_Check(obj)) {
+                PyErr_Format(PyExc_TypeError, "%s is a NumPy (host) array; the CUDA DecLinear needs device "
+                             "memory (decdec.DeviceArray(x), a torch CUDA tensor, or an int pointer)", name);
+                return -1;
+            }
+            PyErr_Format(PyExc_TypeError, "%s must expose __cuda_array_interface__ (or be a DeviceArray or an "
+                         "int device pointer), got %s", name, Py_TYPE(obj)->tp_name);
+            return -1;
+        }
+        int rc = -1;
+        PyObject *shape = PyDict_Check(cai) ? PyDict_GetItemString(cai, "shape") : NULL;
+        PyObject *ts = PyDict_Check(cai) ? PyDict_GetItemString(cai, "typestr") : NULL;
+        PyObject *data = PyDict_Check(cai) ? PyDict_GetItemString(cai, "data") : NULL;
+        PyObject *strides = PyDict_Check(cai) ? PyDict_GetItemString(cai, "strides") : NULL;
+        PyObject *stream = PyDict_Check(cai) ? PyDict_GetItemString(cai, "stream") : NULL;
+        if (!shape || !PyTuple_Check(shape) || !ts || !PyUnicode_Check(ts) || !data || !PyTuple_Check(data)) {
+            PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__", name);
+            goto done;
+        }
+        v->ndim = (int)PyTuple_GET_SIZE(shape);
+        if (v->ndim < 1 || v->ndim > 2) {
+            PyErr_Format(PyExc_ValueError, "%s must be 1-D or 2-D, got %d dimensions", name, v->ndim);
+            goto done;
+        }
+        for (int d = 0; d < v->ndim; d++) v->shape[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
+        v->typenum = typenum_of(PyUnicode_AsUTF8(ts));
+        v->ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0));
+        if (PyErr_Occurred()) goto done;
+        if (strides && strides != Py_None) { /* only C-contiguous strides are accepted */
+            Py_ssize_t want = v->typenum == NPY_FLOAT32 || v->typenum == NPY_INT32 ? 4 : v->typenum == NPY_UINT8 ? 1 : 2;
+            for (int d = v->ndim - 1; d >= 0; d--) {
+                Py_ssize_t sd = PyLong_AsSsize_t(PyTuple_GET_ITEM(strides, d));
+                if (v->shape[d] > 1 && sd != want) {
+                    PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
+                    goto done;
+                }
+                want *= v->shape[d];
+            }
+        }
+        if (stream && stream != Py_None) {
+            v->stream = (long long)PyLong_AsLongLong(stream);
+            if (PyErr_Occurred()) goto done;
+        }
+        rc = 0;
+    done:
+        Py_DECREF(cai);
+        if (rc < 0) return -1;
+    }
+    if (!v->ptr && !(v->ndim > 0 && (v->shape[0] == 0 || v->shape[1] == 0))) {
+        PyErr_Format(PyExc_ValueError, "%s is a null pointer", name);
+        return -1;
+    }
+    int kind = 0, dev = -1;
+    dd_status st = dd_cuda_pointer_kind(v->ptr, &kind, &dev);
+    if (st != DD_OK) { dd_py_cuda_raise(st, name); return -1; }
+    if (kind != DD_PTR_DEVICE && kind != DD_PTR_MANAGED) {
+        PyErr_Format(PyExc_ValueError, "%s points to host memory; the CUDA DecLinear needs device memory", name);
+        return -1;
+    }
+    v->device = dev;
+    return 0;
+}
+
+/* ---- benchmark hooks for decdec.bench --------------------------------------------------- */
+
+static void bench_capsule_free(PyObject *cap) {
+    dd_cuda_bench *b = (dd_cuda_bench *)PyCapsule_GetPointer(cap, "decdec.cuda_bench");
+    if (b) dd_cuda_bench_destroy(b);
+    else PyErr_Clear();
+}
+
+static PyObject *py_bench_create(PyObject *m, PyObject *args) {
+    (void)m;
+    dd_shape s;
+    unsigned long long rotate = 0, seed = 7;
+    if (!PyArg_ParseTuple(args, "iiii|KK", &s.d_in, &s.d_out, &s.bits, &s.group_size, &rotate, &seed)) return NULL;
+    dd_cuda_bench *b = NULL;
+    dd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dd_cuda_bench_create(&s, (size_t)rotate, seed, &b);
+    Py_END_ALLOW_THREADS
+    if (st != DD_OK) return dd_py_cuda_raise(st, "creating a benchmark layer");
+    PyObject *cap = PyCapsule_New(b, "decdec.cuda_bench", bench_capsule_free);
+    if (!cap) dd_cuda_bench_destroy(b);
+    return cap;
+}
+
+static PyObject *py_bench_run(PyObject *m, PyObject *args) {
+    (void)m;
+    PyObject *cap;
+    int mode, k_chunk, n_tb, iters, reps;
+    if (!PyArg_ParseTuple(args, "Oiiiii", &cap, &mode, &k_chunk, &n_tb, &iters, &reps)) return NULL;
+    dd_cuda_bench *b = (dd_cuda_bench *)PyCapsule_GetPointer(cap, "decdec.cuda_bench");
+    if (!b) return NULL;
+    double us = 0;
+    dd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dd_cuda_bench_run(b, mode, k_chunk, n_tb, iters, reps, &us);
+    Py_END_ALLOW_THREADS
+    if (st != DD_OK) return dd_py_cuda_raise(st, "benchmark run");
+    return PyFloat_FromDouble(us);
+}
+
+static PyObject *py_bench_info(PyObject *m, PyObject *cap) {
+    (void)m;
+    dd_cuda_bench *b = (dd_cuda_bench *)PyCapsule_GetPointer(cap, "decdec.cuda_bench");
+    if (!b) return NULL;
+    size_t bytes = 0;
+    int copies = 0, n_sm = 0;
+    dd_cuda_bench_info(b, &bytes, &copies, &n_sm);
+    return Py_BuildValue("(nii)", (Py_ssize_t)bytes, copies, n_sm);
+}
+
+static PyObject *py_bandwidth(PyObject *m, PyObject *args) {
+    (void)m;
+    unsigned long long bytes = 1ull << 31;
+    int blocks = 16;
+    if (!PyArg_ParseTuple(args, "|Ki", &bytes, &blocks)) return NULL;
+    double hbm = 0, zc = 0, h2d = 0;
+    dd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dd_cuda_bench_bandwidth((size_t)bytes, blocks, &hbm, &zc, &h2d);
+    Py_END_ALLOW_THREADS
+    if (st != DD_OK) return dd_py_cuda_raise(st, "bandwidth probe");
+    return Py_BuildValue("(ddd)", hbm, zc, h2d);
+}
+
+static PyObject *py_device_name(PyObject *m, PyObject *args) {
+    (void)m;
+    int dev = 0;
+    if (!PyArg_ParseTuple(args, "|i", &dev)) return NULL;
+    char buf[256];
+    dd_status st = dd_cuda_device_name(dev, buf, sizeof buf);
+    if (st != DD_OK) return dd_py_cuda_raise(st, "device name");
+    return PyUnicode_FromString(buf);
+}
+
+static PyMethodDef cuda_functions[] = {
+    {"_cuda_bench_create", py_bench_create, METH_VARARGS, "(d_in, d_out, bits, group_size[, rotate_bytes, seed])"},
+    {"_cuda_bench_run", py_bench_run, METH_VARARGS, "(bench, mode, k_chunk, n_tb, iters, reps) -> us per call"},
+    {"_cuda_bench_info", py_bench_info, METH_O, "(bench) -> (layer bytes, copies, SMs)"},
+    {"_cuda_bandwidth", py_bandwidth, METH_VARARGS, "([bytes, zero_copy_blocks]) -> (hbm, zero-copy, h2d) GB/s"},
+    {"_cuda_device_name", py_device_name, METH_VARARGS, "([device]) -> name"},
+    {NULL, NULL, 0, NULL}};
+
+int dd_py_cuda_types_init(PyObject *module) {
+    if (PyType_Ready(&DeviceArray_Type) < 0) return -1;
+    Py_INCREF(&DeviceArray_Type);
+    if (PyModule_AddObject(module, "DeviceArray", (PyObject *)&DeviceArray_Type) < 0) {
+        Py_DECREF(&DeviceArray_Type);
+        return -1;
+    }
+    return PyModule_AddFunctions(module, cuda_functions);
+}
