@@ -88,38 +88,70 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                  int accumulate, int lanes_per_row) {
     constexpr int kUnitElems = BITS == 4 ? 32 : 64;
     extern __shared__ uint4 smem_u4[];
-    __half *xs = reinterpret_cast<__half *>(smem_u4);
+    /* [raw x | staged x | per-segment unscale | per-unit sums], both x arrays 16-byte aligned */
+    __half *raw = reinterpret_cast<__half *>(smem_u4);
+    __half *xs = raw + d_in_pad;
     float *seg_unscale = reinterpret_cast<float *>(xs + d_in_pad);  /* per 64 inputs */
     float *unit_sum = seg_unscale + d_in_pad / 64;                    /* per unit */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    (void)lane;
 
-    /* ---- stage x: one warp per 64-input segment ---- */
+    /* ---- stage x.  Phase A: every thread loads raw x with many loads in flight (one L2 round
+     * trip, not one per segment); phase B: one thread per 64-input segment normalises, permutes
+     * and sums from shared memory. ---- */
     const int n_seg = d_in_pad / 64;
-    for (int seg = warp; seg < n_seg; seg += kWarps) {
-        const int j0 = seg * 64 + 2 * lane;
-        const float a0 = j0 < d_in ? __half2float(x[j0]) : 0.f;
-        const float a1 = j0 + 1 < d_in ? __half2float(x[j0 + 1]) : 0.f;
-        float m = fmaxf(fabsf(a0), fabsf(a1));
+    if ((((uintptr_t)x) & 15) == 0 && (d_in & 7) == 0) {
+        const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
+        uint4 *raw4 = reinterpret_cast<uint4 *>(raw);
+#pragma unroll 4
+        for (int i = threadIdx.x; i < d_in_pad / 8; i += kThreads)
+            raw4[i] = i * 8 < d_in ? __ldg(x4 + i) : make_uint4(0u, 0u, 0u, 0u);
+    } else {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < d_in_pad; i += kThreads)
+            raw[i] = i < d_in ? x[i] : __float2half_rn(0.f);
+    }
+    __syncthreads();
+    for (int seg = threadIdx.x; seg < n_seg; seg += kThreads) {
+        const uint4 *r4 = reinterpret_cast<const uint4 *>(raw) + seg * 8;
+        uint4 v[8];
+        float m = 0.f;
 #pragma unroll
-        for (int off = 16; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        for (int q = 0; q < 8; q++) {
+            v[q] = r4[q];
+            const uint32_t w[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 f = __half22float2(as_h2(w[k]));
+                m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y))); /* fmaxf skips NaN */
+            }
+        }
         int e = 0;
         if (m > 0.f && m <= 3.0e38f) frexpf(m, &e); /* m = f * 2^e, f in [0.5, 1) */
         const float down = ldexpf(1.f, -e);
-        float p0, p1;
-        const int i0 = staged_index<BITS>(j0, d_in_pad / kUnitElems, &p0);
-        const int i1 = staged_index<BITS>(j0 + 1, d_in_pad / kUnitElems, &p1);
-        xs[i0] = __float2half_rn(a0 * down * p0);
-        xs[i1] = __float2half_rn(a1 * down * p1);
-        if (lane == 0) seg_unscale[seg] = ldexpf(1.f, e);
-        float sum = a0 + a1;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            const uint32_t w[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 f = __half22float2(as_h2(w[k]));
+                const int j = seg * 64 + q * 8 + 2 * k;
+                float p0, p1;
+                const int i0 = staged_index<BITS>(j, d_in_pad / kUnitElems, &p0);
+                const int i1 = staged_index<BITS>(j + 1, d_in_pad / kUnitElems, &p1);
+                xs[i0] = __float2half_rn(f.x * down * p0);
+                xs[i1] = __float2half_rn(f.y * down * p1);
+                if (q < 4) s0 += f.x + f.y;
+                else s1 += f.x + f.y;
+            }
+        }
+        seg_unscale[seg] = ldexpf(1.f, e);
         if (BITS == 4) {
-#pragma unroll
-            for (int off = 8; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-            if ((lane & 15) == 0) unit_sum[seg * 2 + (lane >> 4)] = sum;
+            unit_sum[2 * seg] = s0;
+            unit_sum[2 * seg + 1] = s1;
         } else {
-#pragma unroll
-            for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-            if (lane == 0) unit_sum[seg] = sum;
+            unit_sum[seg] = s0 + s1;
         }
     }
     __syncthreads();
@@ -132,7 +164,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     const float centre = BITS == 4 ? 8.f : 4.f;
     const __half2 bias_lo = __float2half2_rn(1024.f + centre);
     const __half2 bias_hi = __float2half2_rn(1024.f + 16.f * centre);
-    const uint4 *xs4 = smem_u4;
+    const uint4 *xs4 = smem_u4 + d_in_pad / 8;
     const int total_warps = gridDim.x * kWarps;
 
     /* Each lane group owns ROWS rows at once: one staged-x read from shared memory serves ROWS
@@ -218,7 +250,9 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
 
 size_t staged_smem_bytes(int bits, int d_in_pad) {
     const int unit = bits == 4 ? 32 : 64;
-    return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / 64) * 4 + (size_t)(d_in_pad / unit) * 4;
+    /* staged x, per-segment unscale, per-unit sums, raw x (16-byte aligned: d_in_pad % 128 == 0) */
+    return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / 64) * 4 + (size_t)(d_in_pad / unit) * 4 +
+           (size_t)d_in_pad * 2;
 }
 
 } // namespace
