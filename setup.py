@@ -30,23 +30,26 @@ def rel(paths):
 def find_cuda():
     if os.environ.get("DECDEC_NO_CUDA", "") not in ("", "0"):
         return None
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = Path(home, "bin", "nvcc") if home else None
-    if nvcc is None or not nvcc.exists():
-        found = shutil.which("nvcc")
-        if not found:
-            return None
-        nvcc = Path(found).resolve()
-        home = str(nvcc.parent.parent)
     cuda_sources = sorted((CSRC / "cuda").glob("*.cu"))
     if not cuda_sources:
         return None
-    lib = next((Path(home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")
-                if Path(home, d, "libcudart_static.a").exists()), None)
-    if lib is None:
-        print("decdec: nvcc found but no libcudart_static.a; building the CPU backend only")
-        return None
-    return {"home": home, "nvcc": str(nvcc), "lib": str(lib), "sources": cuda_sources}
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    found = shutil.which("nvcc")
+    if found:  # nvcc may be a symlink or a wrapper script in /usr/local/bin
+        homes.append(str(Path(found).resolve().parent.parent))
+    homes += ["/usr/local/cuda", "/opt/cuda"]
+    for home in filter(None, homes):
+        nvcc = Path(home, "bin", "nvcc")
+        if not nvcc.exists():
+            continue
+        for d in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            if Path(home, d, "libcudart_static.a").exists():
+                return {"home": home, "nvcc": str(nvcc), "lib": str(Path(home, d)),
+                        "sources": cuda_sources}
+    if found:
+        print("decdec: nvcc found but no CUDA home with libcudart_static.a; CPU backend only",
+              file=sys.stderr)
+    return None
 
 
 CUDA = find_cuda()
