@@ -1,0 +1,83 @@
+"""CLI: argument parsing, eval / generate on a saved artifact, clear errors, bench dispatch."""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from decdec import artifacts, cli, pipeline
+from decdec.evaluate import EvalConfig, PerplexityProtocol, evaluate
+from tiny_llama import byte_tokenizer, calib_tokens, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    qm = pipeline.quantize_model(tiny_weights(), calib_tokens(), 3, method="rtn", n_windows=2,
+                                 progress=False, tokenizer=byte_tokenizer())
+    return artifacts.save(qm, tmp_path_factory.mktemp("cli") / "tiny3")
+
+
+def test_eval_prints_the_library_numbers(artifact, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession "
+                    "of a good fortune, must be in want of a wife. " * 3)
+    rc = cli.main(["eval", str(text), "--artifact", str(artifact), "--k-chunk", "8",
+                   "--tokens", "200", "--context", "64"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    qm = artifacts.load(artifact)
+    tokens = qm.tokenizer.encode(text.read_text())
+    want = evaluate(pipeline.build_model(qm, 0),
+                    [EvalConfig("x", pipeline.build_model(qm, 8, "bucket"), 8, "bucket")], tokens,
+                    PerplexityProtocol(64, 63, 200), progress=False)[0]
+    assert f"perplexity {want['perplexity']:9.3f}" in out
+    assert "200 tokens" in out
+
+
+def test_generate_from_artifact(artifact, capsys):
+    rc = cli.main(["generate", "Hello", "--artifact", str(artifact), "--max-new-tokens", "5",
+                   "--greedy", "--raw"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "tok/s" in captured.err
+
+
+def test_missing_artifact_is_a_clear_error(tmp_path, capsys):
+    rc = cli.main(["eval", "persuasion", "--artifact", str(tmp_path / "none")])
+    assert rc == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_missing_text_file(artifact):
+    with pytest.raises(SystemExit, match="not found"):
+        cli.main(["eval", "/no/such/file.txt", "--artifact", str(artifact)])
+
+
+def test_bad_bits_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--bits", "2", "--out", "x"])
+    assert "bits must be 3, 3.5 or 4" in capsys.readouterr().err
+
+
+def test_bench_dispatches_lazily(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("decdec.bench")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "decdec.bench", fake)
+    import decdec
+    monkeypatch.setattr(decdec, "bench", fake, raising=False)
+    assert cli.main(["bench", "--layers", "x"]) == 0
+    assert seen["argv"] == ["--layers", "x"]
+
+
+def test_parser_lists_every_command():
+    p = cli.build_parser()
+    for cmd in ("fetch", "quantize", "eval", "generate", "demo", "bench"):
+        assert cmd in p.format_help()
+
+
+def test_shipped_texts():
+    from decdec import data
+    assert data.text("emma").startswith("EMMA") and len(data.text("emma")) == 883_028
+    with pytest.raises(ValueError, match="unknown text"):
+        data.path("ulysses")
