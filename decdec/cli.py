@@ -172,6 +172,8 @@ def run_demo(eval_tokens: int = 1022, calib_windows: int = 4, method: str = "awq
     results = evaluate(reference, configs, tok.encode(data.text(text)), protocol)
     ref_bytes = 2 * sum(a.size for a in (weights.tok_embeddings, weights.norm)) + 2 * sum(
         v.size for layer in weights.layers for v in layer.values() if v is not None)
+    if weights.lm_head is not weights.tok_embeddings:
+        ref_bytes += 2 * weights.lm_head.size
     print("", file=out)
     print(f"evaluation: {text}, {protocol.describe()}", file=out)
     print(f"calibration: Emma, {calib_windows} windows of 512 tokens", file=out)
