@@ -80,8 +80,12 @@ dd_status dd_cuda_layer_destroy(dd_cuda_layer *layer);
 dd_status dd_cuda_layer_set_k_chunk(dd_cuda_layer *layer, int32_t k_chunk);
 /* n_tb: thread blocks for DEC (1..SMs/2 are sensible; default 16). */
 dd_status dd_cuda_layer_set_n_tb(dd_cuda_layer *layer, int32_t n_tb);
-/* 0: DEC on a second stream (fork/join with events; graph-capturable) beside the base GEMV;
- * 1: DEC and base serialised on `stream` (for measurement). */
+/* 0 (default): one kernel launch per token: DEC thread blocks (selection + zero-copy fetch) and
+ *    the base GEMV's blocks in the same grid, meeting in an fp32 accumulator (graph-capturable);
+ * 1: DEC alone, then the base GEMV, serialised on `stream` (for measurement);
+ * 2: the earlier fork/join path (memset, select and fetch kernels on a second stream beside the
+ *    base GEMV; for measurement).
+ * A layer object runs one call at a time: calls on different streams must not overlap. */
 dd_status dd_cuda_layer_set_serial(dd_cuda_layer *layer, int serial);
 int dd_cuda_layer_device(const dd_cuda_layer *layer);
 /* One layer call for n_tok tokens (each compensated on its own): y (=|+=) layer(x).
@@ -106,7 +110,11 @@ enum {
     DD_BENCH_FUSED = 2,         /* the layer: base beside DEC (fork/join), k_chunk, n_tb */
     DD_BENCH_SERIAL = 3,        /* the layer with DEC and base one after the other */
     DD_BENCH_READ = 4,          /* a plain streaming read of the same bytes (the ceiling) */
-    DD_BENCH_DEC_ONLY = 5       /* selection + residual fetch alone on n_tb blocks */
+    DD_BENCH_DEC_ONLY = 5,      /* DEC alone (the fused kernel without base blocks), n_tb blocks */
+    DD_BENCH_FORKJOIN = 6,      /* the earlier layer path: memset + fork/join, select, fetch, base */
+    DD_BENCH_DEC_LEGACY = 7,    /* the earlier select kernel + fetch kernel alone */
+    DD_BENCH_FUSED_FULL = 8,    /* as FUSED, base grid sized for every SM (DEC blocks share SMs) */
+    DD_BENCH_EMPTY = 9          /* an empty kernel per call: launch floor inside a graph */
 };
 dd_status dd_cuda_bench_create(const dd_shape *s, size_t rotate_bytes, uint64_t seed,
                                dd_cuda_bench **out);

@@ -52,6 +52,8 @@ dd_status launch_read(const void *p, size_t bytes, int n_sm, unsigned *sink, cud
     return DD_OK;
 }
 
+__global__ void empty_kernel() {}
+
 uint64_t splitmix(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -216,6 +218,19 @@ static dd_status enqueue_call(dd_cuda_bench *b, int mode, int i, int32_t n_tb) {
     case DD_BENCH_READ:
         return launch_read(base, b->copy_bytes, b->n_sm, b->d_sink, b->stream);
     case DD_BENCH_DEC_ONLY: {
+        dd_fused_dec dec = {L->rcodes_dev, L->d_rscales, L->d_floors, L->d_acc, L->d_count,
+                            L->k_chunk, n_tb, 0, 0};
+        return dd_cuda_fused_launch(&b->shape, L->d_qweight, L->d_scales, L->d_zeros, &dec, x, y, 0,
+                                    b->stream);
+    }
+    case DD_BENCH_FUSED_FULL:
+    case DD_BENCH_FORKJOIN:
+        return dd_cuda_layer_forward(L, x, y, 1, 0, b->stream);
+    case DD_BENCH_EMPTY:
+        empty_kernel<<<1, 32, 0, b->stream>>>();
+        DD_CK_LAUNCH("empty_kernel");
+        return DD_OK;
+    case DD_BENCH_DEC_LEGACY: {
         dd_status st = dd_cuda_select(b->shape.d_in, x, L->d_floors, L->k_chunk, L->d_idx, L->d_xsel, n_tb, b->stream);
         if (st != DD_OK) return st;
         return dd_cuda_dec_fetch(&b->shape, L->rcodes_dev, L->d_rscales, L->d_idx, L->d_xsel, L->k_total, n_tb, y, b->stream);
@@ -230,9 +245,12 @@ extern "C" dd_status dd_cuda_bench_run(dd_cuda_bench *b, int mode, int32_t k_chu
     dd_status st;
     if ((st = dd_cuda_layer_set_k_chunk(b->layer, k_chunk)) != DD_OK) return st;
     if (mode == DD_BENCH_FUSED || mode == DD_BENCH_SERIAL || mode == DD_BENCH_DEC_ONLY ||
-        mode == DD_BENCH_BASE_RESERVED)
+        mode == DD_BENCH_BASE_RESERVED || mode == DD_BENCH_FORKJOIN || mode == DD_BENCH_DEC_LEGACY ||
+        mode == DD_BENCH_FUSED_FULL)
         if ((st = dd_cuda_layer_set_n_tb(b->layer, n_tb)) != DD_OK) return st;
-    dd_cuda_layer_set_serial(b->layer, mode == DD_BENCH_SERIAL);
+    dd_cuda_layer_set_serial(b->layer, mode == DD_BENCH_SERIAL ? DD_PATH_SERIAL
+                                       : mode == DD_BENCH_FORKJOIN ? DD_PATH_FORKJOIN : DD_PATH_FUSED);
+    b->layer->base_sm = mode == DD_BENCH_FUSED_FULL ? b->n_sm : 0;
     cudaGraph_t graph = NULL;
     cudaGraphExec_t exec = NULL;
     std::vector<float> ms;

@@ -12,99 +12,33 @@
  *   byte is read once; the fp32 partial sums meet in shared memory (plain stores, four rounds,
  *   no atomics, no bank conflicts), then one fp16 atomic per output merges into y.
  */
-#include <cub/block/block_scan.cuh>
-
-#include "dd_cuda_internal.cuh"
+#include "dd_cuda_dec_device.cuh"
 
 namespace {
 
-constexpr int kSelectThreads = 256;
 constexpr int kFetchThreads = 512;
 constexpr int kUnroll = 4;
 
-__device__ __forceinline__ int chunk_quota(int d_in, int chunk, int k_chunk) {
-    const int start = chunk * DD_CHUNK;
-    const int len = min(DD_CHUNK, d_in - start);
-    if (len <= 0 || k_chunk <= 0) return 0;
-    if (len == DD_CHUNK) return k_chunk;
-    const long long k = ((long long)k_chunk * len + DD_CHUNK / 2) / DD_CHUNK;
-    return (int)(k > len ? len : k);
-}
-
-__global__ void __launch_bounds__(kSelectThreads)
+/* One block per chunk (grid-strided when capped): the shared select_chunk of
+ * dd_cuda_dec_device.cuh, results to the device scratch (the layer call itself never needs this:
+ * its fused kernel keeps the selection in shared memory; this kernel serves dd_cuda_layer_select
+ * and the legacy two-kernel path kept for measurements). */
+__global__ void __launch_bounds__(dd_dec::kDecThreads)
 select_kernel(const __half *__restrict__ x, int d_in, const float *__restrict__ floors,
               int k_chunk, int *__restrict__ idx, float *__restrict__ xsel) {
-    typedef cub::BlockScan<int, kSelectThreads> Scan;
-    __shared__ typename Scan::TempStorage scan_tmp;
-    __shared__ float f[DD_NUM_BUCKETS];
-    __shared__ int hist[DD_NUM_BUCKETS + 1];
-    __shared__ int s_cut, s_from;
-    const int t = threadIdx.x;
-    if (t < DD_NUM_BUCKETS) f[t] = floors[t];
+    __shared__ dd_dec::SelectSmem S;
+    dd_dec::load_floors(S, floors);
     const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
     for (int c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         const int start = c * DD_CHUNK;
         const int len = min(DD_CHUNK, d_in - start);
-        const int quota = chunk_quota(d_in, c, k_chunk);
+        const int quota = dd_dec::chunk_quota(d_in, c, k_chunk);
         const int out0 = c * k_chunk; /* every earlier chunk is whole */
-        if (t <= DD_NUM_BUCKETS) hist[t] = 0;
-        __syncthreads();
-        int b[4];
-        float v[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int j = 4 * t + e;
-            b[e] = DD_NUM_BUCKETS + 1; /* past the chunk: no bucket */
-            v[e] = 0.f;
-            if (j < len) {
-                v[e] = __half2float(x[start + j]);
-                const float ax = fabsf(v[e]);
-                int bucket = DD_NUM_BUCKETS; /* NaN: no bucket, never selected */
-                if (ax == ax) {
-                    /* smallest i with |x| >= f[i], exactly as the CPU scans */
-                    for (int i = 0; i < DD_NUM_BUCKETS; i++)
-                        if (ax >= f[i]) { bucket = i; break; }
-                }
-                b[e] = bucket;
-                if (bucket < DD_NUM_BUCKETS) atomicAdd(&hist[bucket], 1);
-            }
-        }
-        __syncthreads();
-        if (t == 0) {
-            int taken = 0, cut = 0;
-            while (cut < DD_NUM_BUCKETS && taken + hist[cut] <= quota) taken += hist[cut++];
-            s_cut = cut;
-            s_from = cut < DD_NUM_BUCKETS ? quota - taken : 0;
-        }
-        __syncthreads();
-        const int cut = s_cut, from_cut = s_from;
-        int n_cut = 0;
-#pragma unroll
-        for (int e = 0; e < 4; e++) n_cut += b[e] == cut;
-        int rank = 0;
-        Scan(scan_tmp).ExclusiveSum(n_cut, rank);
-        __syncthreads();
-        bool sel[4];
-        int n_sel = 0;
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            sel[e] = b[e] < cut || (b[e] == cut && rank < from_cut);
-            if (b[e] == cut) rank++;
-            n_sel += sel[e];
-        }
-        int pos = 0, total = 0;
-        Scan(scan_tmp).ExclusiveSum(n_sel, pos, total);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            if (sel[e]) {
-                idx[out0 + pos] = start + 4 * t + e;
-                xsel[out0 + pos] = v[e];
-                pos++;
-            }
-        }
-        for (int i = total + t; i < quota; i += blockDim.x) { /* NaNs left too few candidates */
-            idx[out0 + i] = -1;
-            xsel[out0 + i] = 0.f;
+        if (quota == 0) continue;
+        const int n = dd_dec::select_chunk(S, x, start, len, quota);
+        for (int i = threadIdx.x; i < quota; i += blockDim.x) {
+            idx[out0 + i] = i < n ? S.idx[i] : -1; /* -1: NaNs left too few candidates */
+            xsel[out0 + i] = i < n ? S.xv[i] : 0.f;
         }
         __syncthreads();
     }
@@ -200,7 +134,7 @@ extern "C" dd_status dd_cuda_select(int32_t d_in, const uint16_t *d_x, const flo
     if (k_chunk == 0) return DD_OK;
     int blocks = dd_num_chunks(d_in);
     if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
-    select_kernel<<<blocks, kSelectThreads, 0, (cudaStream_t)stream>>>(
+    select_kernel<<<blocks, dd_dec::kDecThreads, 0, (cudaStream_t)stream>>>(
         reinterpret_cast<const __half *>(d_x), d_in, d_floors, k_chunk, d_idx, d_xsel);
     DD_CK_LAUNCH("select_kernel");
     return DD_OK;

@@ -17,7 +17,9 @@
  */
 #include <math.h>
 
-#include "dd_cuda_internal.cuh"
+#include <algorithm>
+
+#include "dd_cuda_dec_device.cuh"
 
 namespace {
 
@@ -80,26 +82,211 @@ __device__ __forceinline__ int staged_index(int j, int n_units, float *prescale)
     return ((v * n_units + u) * 4 + i) * 2 + hi;
 }
 
+/* The DEC half of the one-launch layer kernel (blocks 0..n_dec-1 of the grid). */
+struct DecArgs {
+    const uint4 *rcodes;       /* device view of the pinned mapped residual */
+    const __half *rscales;
+    const float *floors;
+    float *acc;                /* fp32 output accumulator, d_out, zero between calls */
+    int *count;                /* per 32-output tile: contributions so far, zero between calls */
+    int k_chunk, n_dec, n_slices, has_base, accumulate;
+};
+
+/* acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
+__device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float acc[32]) {
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            const float c = __uint_as_float(0x4B000000u | ((words[w] >> (4 * n)) & 0xFu)) - 8388616.f;
+            acc[8 * w + n] = fmaf(xv, c, acc[8 * w + n]);
+        }
+    }
+}
+
+/* Output tile (32 outputs) `tile` got `n` more contributions (their fp32 adds to D.acc already
+ * fenced).  Returns whether this caller completed it and must write y. */
+__device__ __forceinline__ bool tile_arrive(const DecArgs &D, int tile, int n, int expected) {
+    return atomicAdd(D.count + tile, n) + n == expected;
+}
+
+/* Write a completed tile: y (=|+=) acc, rounded once; leave acc and the counter zero. */
+__device__ __forceinline__ void tile_finish(const DecArgs &D, __half *y, int o) {
+    const float v = atomicExch(D.acc + o, 0.f);
+    y[o] = __float2half_rn(D.accumulate ? __half2float(y[o]) + v : v);
+}
+
+constexpr int kFetchBatch = 8; /* zero-copy loads in flight per thread */
+
+__device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half *__restrict__ y,
+                          int d_in, int d_out, unsigned char *smem_raw) {
+    using namespace dd_dec;
+    SelectSmem &S = *reinterpret_cast<SelectSmem *>(smem_raw);
+    float *part = reinterpret_cast<float *>(smem_raw + sizeof(SelectSmem)); /* 8 x 256 */
+    const int t = threadIdx.x;
+    const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
+    const int units = d_out / 32, expected = 32 * (n_chunks + D.has_base);
+    load_floors(S, D.floors);
+    for (int item = blockIdx.x; item < n_chunks * D.n_slices; item += D.n_dec) {
+        const int c = item / D.n_slices, sl = item % D.n_slices;
+        const int u0 = (int)((long)units * sl / D.n_slices), u1 = (int)((long)units * (sl + 1) / D.n_slices);
+        const int U = u1 - u0;
+        const int start = c * DD_CHUNK, quota = chunk_quota(d_in, c, D.k_chunk);
+        const int n = quota ? select_chunk(S, x, start, min(DD_CHUNK, d_in - start), quota) : 0;
+        /* G threads per column unit, over the rows; lanes over consecutive units of a row so each
+         * warp reads contiguous bytes of a row (full PCIe requests) */
+        int G = 1;
+        while (G < 32 && 2 * G * U <= kDecThreads && 2 * G <= n) G *= 2;
+        if (G == 1) {
+            for (int ul = t; ul < U; ul += kDecThreads) {
+                const int unit = u0 + ul;
+                float acc[32];
+#pragma unroll
+                for (int i = 0; i < 32; i++) acc[i] = 0.f;
+                for (int r0 = 0; r0 < n; r0 += kFetchBatch) {
+                    uint4 v[kFetchBatch];
+                    float xv[kFetchBatch];
+#pragma unroll
+                    for (int k = 0; k < kFetchBatch; k++) {
+                        const int r = r0 + k;
+                        xv[k] = r < n ? S.xv[r] : 0.f;
+                        v[k] = r < n ? D.rcodes[(size_t)S.idx[r] * units + unit] : make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int k = 0; k < kFetchBatch; k++)
+                        if (r0 + k < n) accumulate_codes(v[k], xv[k], acc);
+                }
+                if (n) {
+#pragma unroll
+                    for (int i = 0; i < 32; i++)
+                        atomicAdd(D.acc + unit * 32 + i, acc[i] * __half2float(D.rscales[unit * 32 + i]));
+                    __threadfence();
+                }
+                if (tile_arrive(D, unit, 32, expected)) {
+                    __threadfence();
+                    for (int i = 0; i < 32; i++) tile_finish(D, y, unit * 32 + i);
+                    D.count[unit] = 0;
+                }
+            }
+        } else {
+            const int sub = t / U, ul = t % U, unit = u0 + ul;
+            const bool active = sub < G;
+            float acc[32];
+#pragma unroll
+            for (int i = 0; i < 32; i++) acc[i] = 0.f;
+            if (active) {
+                for (int r0 = sub; r0 < n; r0 += kFetchBatch * G) {
+                    uint4 v[kFetchBatch];
+                    float xv[kFetchBatch];
+#pragma unroll
+                    for (int k = 0; k < kFetchBatch; k++) {
+                        const int r = r0 + k * G;
+                        xv[k] = r < n ? S.xv[r] : 0.f;
+                        v[k] = r < n ? D.rcodes[(size_t)S.idx[r] * units + unit] : make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int k = 0; k < kFetchBatch; k++)
+                        if (r0 + k * G < n) accumulate_codes(v[k], xv[k], acc);
+                }
+            }
+            /* sum the G partials of each output through shared memory, 8 outputs a round */
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                if (active) {
+#pragma unroll
+                    for (int k = 0; k < 8; k++) part[(k * G + sub) * U + ul] = acc[q * 8 + k];
+                }
+                __syncthreads();
+                for (int o = t; o < 8 * U; o += kDecThreads) {
+                    const int k = o / U, uu = o % U;
+                    float sum = 0.f;
+                    for (int g = 0; g < G; g++) sum += part[(k * G + g) * U + uu];
+                    const int out = (u0 + uu) * 32 + q * 8 + k;
+                    atomicAdd(D.acc + out, sum * __half2float(D.rscales[out]));
+                }
+                __syncthreads();
+            }
+            __threadfence();
+            __syncthreads();
+            if (t < U && tile_arrive(D, u0 + t, 32, expected)) {
+                __threadfence();
+                for (int i = 0; i < 32; i++) tile_finish(D, y, (u0 + t) * 32 + i);
+                D.count[u0 + t] = 0;
+            }
+        }
+        __syncthreads(); /* S is rewritten by the next item's selection */
+    }
+}
+
+/* Weights and group parameters of one (lane, ROWS rows, unit) step, loaded ahead of use. */
 template <int BITS, int ROWS>
+struct Step {
+    uint4 lo[ROWS];
+    uint2 hi[ROWS];
+    __half sc[ROWS], z[ROWS];
+};
+
+template <int BITS, int ROWS>
+__device__ __forceinline__ void load_step(Step<BITS, ROWS> &st, const uint8_t *__restrict__ qweight,
+                                          const __half *__restrict__ scales,
+                                          const __half *__restrict__ zeros, int rbase, int u,
+                                          size_t row_bytes, int d_in_pad, int n_groups, int group_size) {
+    constexpr int kUnitElems = BITS == 4 ? 32 : 64;
+    const int g = u * kUnitElems / group_size;
+#pragma unroll
+    for (int k = 0; k < ROWS; k++) {
+        const uint8_t *row = qweight + (size_t)(rbase + k) * row_bytes;
+        st.lo[k] = __ldcs(reinterpret_cast<const uint4 *>(row) + u);
+        if (BITS == 3) st.hi[k] = __ldcs(reinterpret_cast<const uint2 *>(row + d_in_pad / 4) + u);
+        const size_t gi = (size_t)(rbase + k) * n_groups + g;
+        st.sc[k] = __ldg(scales + gi);
+        st.z[k] = __ldg(zeros + gi);
+    }
+}
+
+/* Base GEMV blocks (and, with DEC, the DEC blocks 0..n_dec-1 of the same grid). */
+template <int BITS, int ROWS, bool DEC>
 __global__ void __launch_bounds__(kThreads)
 gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
                  const __half *__restrict__ zeros, const __half *__restrict__ x,
                  __half *__restrict__ y, int d_in, int d_in_pad, int d_out, int group_size,
-                 int accumulate, int lanes_per_row) {
+                 int accumulate, int lanes_per_row, DecArgs D) {
     constexpr int kUnitElems = BITS == 4 ? 32 : 64;
     extern __shared__ uint4 smem_u4[];
+    if (DEC && (int)blockIdx.x < D.n_dec) {
+        dec_block(D, x, y, d_in, d_out, reinterpret_cast<unsigned char *>(smem_u4));
+        return;
+    }
+    const int bid = DEC ? blockIdx.x - D.n_dec : blockIdx.x;
+    const int n_blocks = DEC ? gridDim.x - D.n_dec : gridDim.x;
     /* [raw x | staged x | per-segment unscale | per-unit sums], both x arrays 16-byte aligned */
     __half *raw = reinterpret_cast<__half *>(smem_u4);
     __half *xs = raw + d_in_pad;
     float *seg_unscale = reinterpret_cast<float *>(xs + d_in_pad);  /* per 64 inputs */
     float *unit_sum = seg_unscale + d_in_pad / 64;                    /* per unit */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    (void)lane;
 
-    /* ---- stage x.  Phase A: every thread loads raw x with many loads in flight (one L2 round
-     * trip, not one per segment); phase B: one thread per 64-input segment normalises, permutes
-     * and sums from shared memory. ---- */
-    const int n_seg = d_in_pad / 64;
+    const int n_units = d_in_pad / kUnitElems;
+    const int n_groups = d_in_pad / group_size;
+    const size_t row_bytes = (size_t)d_in_pad * BITS / 8;
+    const int rows_per_warp = 32 / lanes_per_row;
+    const int sub = lane / lanes_per_row, pl = lane % lanes_per_row;
+    const int rows_step = rows_per_warp * ROWS;
+    const int total_warps = n_blocks * kWarps;
+    const int row_stride = total_warps * rows_step;
+
+    /* ---- the first weights leave for HBM before x is staged, so the staging hides under
+     * their latency ---- */
+    int row0 = (bid * kWarps + warp) * rows_step;
+    Step<BITS, ROWS> cur;
+    if (row0 + sub * ROWS < d_out && pl < n_units)
+        load_step<BITS, ROWS>(cur, qweight, scales, zeros, row0 + sub * ROWS, pl, row_bytes, d_in_pad,
+                              n_groups, group_size);
+
+    /* ---- stage x.  Phase A: raw copy, many 16-byte loads in flight; phase B: every thread owns
+     * 8 inputs (one 16-byte vector): segment max / unit sums by shuffles over the 8 (4-bit: 4)
+     * threads of a segment (unit), exact power-of-two normalisation, permuted store. ---- */
     if ((((uintptr_t)x) & 15) == 0 && (d_in & 7) == 0) {
         const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
         uint4 *raw4 = reinterpret_cast<uint4 *>(raw);
@@ -112,112 +299,94 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
             raw[i] = i < d_in ? x[i] : __float2half_rn(0.f);
     }
     __syncthreads();
-    for (int seg = threadIdx.x; seg < n_seg; seg += kThreads) {
-        const uint4 *r4 = reinterpret_cast<const uint4 *>(raw) + seg * 8;
-        uint4 v[8];
-        float m = 0.f;
-#pragma unroll
-        for (int q = 0; q < 8; q++) {
-            v[q] = r4[q];
-            const uint32_t w[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 f = __half22float2(as_h2(w[k]));
-                m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y))); /* fmaxf skips NaN */
-            }
-        }
-        int e = 0;
-        if (m > 0.f && m <= 3.0e38f) frexpf(m, &e); /* m = f * 2^e, f in [0.5, 1) */
-        const float down = ldexpf(1.f, -e);
-        float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-        for (int q = 0; q < 8; q++) {
-            const uint32_t w[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+    {
+        const int n_vec = d_in_pad / 8; /* multiple of 16: whole segments per warp pass */
+        for (int vb = 0; vb < n_vec; vb += kThreads) {
+            const int vi = vb + threadIdx.x;
+            const bool on = vi < n_vec; /* uniform per 8-lane segment group */
+            const uint4 rv = on ? reinterpret_cast<const uint4 *>(raw)[vi] : make_uint4(0u, 0u, 0u, 0u);
+            const uint32_t w[4] = {rv.x, rv.y, rv.z, rv.w};
+            float f[8], m = 0.f, s = 0.f;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                const float2 f = __half22float2(as_h2(w[k]));
-                const int j = seg * 64 + q * 8 + 2 * k;
-                float p0, p1;
-                const int i0 = staged_index<BITS>(j, d_in_pad / kUnitElems, &p0);
-                const int i1 = staged_index<BITS>(j + 1, d_in_pad / kUnitElems, &p1);
-                xs[i0] = __float2half_rn(f.x * down * p0);
-                xs[i1] = __float2half_rn(f.y * down * p1);
-                if (q < 4) s0 += f.x + f.y;
-                else s1 += f.x + f.y;
+                const float2 p = __half22float2(as_h2(w[k]));
+                f[2 * k] = p.x;
+                f[2 * k + 1] = p.y;
+                m = fmaxf(m, fmaxf(fabsf(p.x), fabsf(p.y))); /* fmaxf skips NaN */
+                s += p.x + p.y;
             }
-        }
-        seg_unscale[seg] = ldexpf(1.f, e);
-        if (BITS == 4) {
-            unit_sum[2 * seg] = s0;
-            unit_sum[2 * seg + 1] = s1;
-        } else {
-            unit_sum[seg] = s0 + s1;
+#pragma unroll
+            for (int off = 4; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            if (BITS == 3) s += __shfl_xor_sync(0xffffffffu, s, 4); /* 64-input unit */
+            if (on) {
+                int e = 0;
+                if (m > 0.f && m <= 3.0e38f) frexpf(m, &e); /* m = f * 2^e, f in [0.5, 1) */
+                const float down = ldexpf(1.f, -e);
+                const int seg = vi >> 3;
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    float p;
+                    const int i = staged_index<BITS>(vi * 8 + k, n_units, &p);
+                    xs[i] = __float2half_rn(f[k] * down * p);
+                }
+                if ((vi & 7) == 0) seg_unscale[seg] = ldexpf(1.f, e);
+                if (BITS == 4 && (vi & 3) == 0) unit_sum[vi >> 2] = s;
+                if (BITS == 3 && (vi & 7) == 0) unit_sum[seg] = s;
+            }
         }
     }
     __syncthreads();
 
-    const int n_units = d_in_pad / kUnitElems;
-    const int n_groups = d_in_pad / group_size;
-    const size_t row_bytes = (size_t)d_in_pad * BITS / 8;
-    const int rows_per_warp = 32 / lanes_per_row;
-    const int sub = lane / lanes_per_row, pl = lane % lanes_per_row;
     const float centre = BITS == 4 ? 8.f : 4.f;
     const __half2 bias_lo = __float2half2_rn(1024.f + centre);
     const __half2 bias_hi = __float2half2_rn(1024.f + 16.f * centre);
     const uint4 *xs4 = smem_u4 + d_in_pad / 8;
-    const int total_warps = gridDim.x * kWarps;
 
     /* Each lane group owns ROWS rows at once: one staged-x read from shared memory serves ROWS
-     * rows of weights (shared-memory traffic per weight byte / ROWS). */
-    const int rows_step = rows_per_warp * ROWS;
-    for (int row0 = (blockIdx.x * kWarps + warp) * rows_step; row0 < d_out;
-         row0 += total_warps * rows_step) {
+     * rows of weights.  The step after the current one (next unit, or the first unit of the
+     * next row group) is always in flight while the current one is dequantised. */
+    for (; row0 < d_out; row0 += row_stride) {
         const int rbase = row0 + sub * ROWS;
         float acc[ROWS];
 #pragma unroll
         for (int k = 0; k < ROWS; k++) acc[k] = 0.f;
         if (rbase < d_out) { /* d_out % 32 == 0 and ROWS | 32: the whole group is in range */
-#pragma unroll 2
             for (int u = pl; u < n_units; u += lanes_per_row) {
-                uint4 lo[ROWS];
-                uint2 hi[ROWS];
-#pragma unroll
-                for (int k = 0; k < ROWS; k++) {
-                    const uint8_t *row = qweight + (size_t)(rbase + k) * row_bytes;
-                    lo[k] = __ldcs(reinterpret_cast<const uint4 *>(row) + u);
-                    if (BITS == 3) hi[k] = __ldcs(reinterpret_cast<const uint2 *>(row + d_in_pad / 4) + u);
+                Step<BITS, ROWS> nxt;
+                {
+                    int nu = u + lanes_per_row, nr = rbase;
+                    if (nu >= n_units) { nu = pl; nr = rbase + row_stride; }
+                    if (nr < d_out)
+                        load_step<BITS, ROWS>(nxt, qweight, scales, zeros, nr, nu, row_bytes, d_in_pad,
+                                              n_groups, group_size);
                 }
-                const int g = u * kUnitElems / group_size;
                 const int seg = BITS == 4 ? (u >> 1) : u;
                 const float unscale = seg_unscale[seg], xsum = unit_sum[u];
+                __half2 p[ROWS];
+#pragma unroll
+                for (int k = 0; k < ROWS; k++) p[k] = __float2half2_rn(0.f);
                 if (BITS == 4) {
                     uint4 xv[4];
 #pragma unroll
                     for (int v = 0; v < 4; v++) xv[v] = xs4[v * n_units + u];
 #pragma unroll
                     for (int k = 0; k < ROWS; k++) {
-                        __half2 p = __float2half2_rn(0.f);
-                        p = nibble_word_dot(lo[k].x, xv[0], p, bias_lo, bias_hi);
-                        p = nibble_word_dot(lo[k].y, xv[1], p, bias_lo, bias_hi);
-                        p = nibble_word_dot(lo[k].z, xv[2], p, bias_lo, bias_hi);
-                        p = nibble_word_dot(lo[k].w, xv[3], p, bias_lo, bias_hi);
-                        const float2 pf = __half22float2(p);
-                        const size_t gi = (size_t)(rbase + k) * n_groups + g;
-                        const float sc = __half2float(scales[gi]), z = __half2float(zeros[gi]);
-                        acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
+                        p[k] = nibble_word_dot(cur.lo[k].x, xv[0], p[k], bias_lo, bias_hi);
+                        p[k] = nibble_word_dot(cur.lo[k].y, xv[1], p[k], bias_lo, bias_hi);
+                        p[k] = nibble_word_dot(cur.lo[k].z, xv[2], p[k], bias_lo, bias_hi);
+                        p[k] = nibble_word_dot(cur.lo[k].w, xv[3], p[k], bias_lo, bias_hi);
                     }
                 } else {
-                    __half2 p[ROWS];
-#pragma unroll
-                    for (int k = 0; k < ROWS; k++) p[k] = __float2half2_rn(0.f);
 #pragma unroll
                     for (int w = 0; w < 4; w++) {
                         const uint4 xe = xs4[(2 * w) * n_units + u];
                         const uint4 xo = xs4[(2 * w + 1) * n_units + u];
 #pragma unroll
                         for (int k = 0; k < ROWS; k++) {
-                            const uint32_t low = w == 0 ? lo[k].x : w == 1 ? lo[k].y : w == 2 ? lo[k].z : lo[k].w;
-                            const uint32_t hw = w < 2 ? hi[k].x : hi[k].y;
+                            const uint32_t low = w == 0 ? cur.lo[k].x : w == 1 ? cur.lo[k].y : w == 2 ? cur.lo[k].z : cur.lo[k].w;
+                            const uint32_t hw = w < 2 ? cur.hi[k].x : cur.hi[k].y;
                             const uint32_t sp = spread16(hw, (w & 1) ? 0x4342u : 0x4140u);
                             /* nibble words: even elements (lo bits | hi bit at +2), odd ones */
                             const uint32_t ce = (low & 0x33333333u) | ((sp << 2) & 0xCCCCCCCCu);
@@ -226,14 +395,14 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                             p[k] = nibble_word_dot(co, xo, p[k], bias_lo, bias_hi);
                         }
                     }
-#pragma unroll
-                    for (int k = 0; k < ROWS; k++) {
-                        const float2 pf = __half22float2(p[k]);
-                        const size_t gi = (size_t)(rbase + k) * n_groups + g;
-                        const float sc = __half2float(scales[gi]), z = __half2float(zeros[gi]);
-                        acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
-                    }
                 }
+#pragma unroll
+                for (int k = 0; k < ROWS; k++) {
+                    const float2 pf = __half22float2(p[k]);
+                    const float sc = __half2float(cur.sc[k]), z = __half2float(cur.z[k]);
+                    acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
+                }
+                cur = nxt;
             }
         }
 #pragma unroll
@@ -241,8 +410,27 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
             float a = acc[k];
             for (int off = lanes_per_row / 2; off; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
             if (pl == 0 && rbase < d_out) {
-                if (accumulate) atomicAdd(y + rbase + k, __float2half_rn(a));
+                if (DEC) atomicAdd(D.acc + rbase + k, a);
+                else if (accumulate) atomicAdd(y + rbase + k, __float2half_rn(a));
                 else y[rbase + k] = __float2half_rn(a);
+            }
+        }
+        if (DEC) {
+            /* this warp's rows [row0, row0 + rows_step) arrive at their 32-output tiles */
+            __threadfence();
+            __syncwarp();
+            const int r_end = min(row0 + rows_step, d_out);
+            for (int tile = row0 / 32; tile * 32 < r_end; tile++) {
+                const int n = min(r_end, tile * 32 + 32) - max(row0, tile * 32);
+                int last = 0;
+                if (lane == 0) last = tile_arrive(D, tile, n, 32 * (((d_in + DD_CHUNK - 1) / DD_CHUNK) + 1));
+                last = __shfl_sync(0xffffffffu, last, 0);
+                if (last) {
+                    __threadfence();
+                    tile_finish(D, y, tile * 32 + lane);
+                    __syncwarp();
+                    if (lane == 0) D.count[tile] = 0;
+                }
             }
         }
     }
@@ -253,6 +441,42 @@ size_t staged_smem_bytes(int bits, int d_in_pad) {
     /* staged x, per-segment unscale, per-unit sums, raw x (16-byte aligned: d_in_pad % 128 == 0) */
     return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / 64) * 4 + (size_t)(d_in_pad / unit) * 4 +
            (size_t)d_in_pad * 2;
+}
+
+/* Grid geometry and kernel choice of the base GEMV for one shape. */
+struct BasePlan {
+    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int,
+                   int, int, int, int, int, DecArgs);
+    size_t smem;
+    int lanes, rows_per_block, per_sm;
+};
+
+template <bool DEC>
+dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
+    int n_sm = 0, smem_optin = 0;
+    dd_status st;
+    if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
+    const int d_in_pad = dd_d_in_pad(s);
+    P->smem = staged_smem_bytes(s->bits, d_in_pad);
+    if (DEC) P->smem = std::max(P->smem, sizeof(dd_dec::SelectSmem) + 8 * dd_dec::kDecThreads * sizeof(float));
+    if (P->smem > (size_t)smem_optin) return DD_ERR_UNSUPPORTED; /* d_in beyond ~48K on sm_86/89 */
+    const int n_units = d_in_pad / (s->bits == 4 ? 32 : 64);
+    int lanes = 32;
+    while (lanes > 1 && lanes / 2 >= n_units) lanes /= 2;
+    if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
+    /* rows per lane group: as many as keep >= 12 warps per usable SM busy */
+    int rows = 4;
+    while (rows > 1 && (long)s->d_out / rows * lanes / 32 < 12L * n_sm_free) rows /= 2;
+    P->lanes = lanes;
+    P->rows_per_block = kWarps * (32 / lanes) * rows;
+    if (s->bits == 4) P->kernel = rows == 4 ? gemv_base_kernel<4, 4, DEC> : rows == 2 ? gemv_base_kernel<4, 2, DEC> : gemv_base_kernel<4, 1, DEC>;
+    else P->kernel = rows == 4 ? gemv_base_kernel<3, 4, DEC> : rows == 2 ? gemv_base_kernel<3, 2, DEC> : gemv_base_kernel<3, 1, DEC>;
+    if (P->smem > 48 * 1024)
+        DD_CK(cudaFuncSetAttribute(P->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)P->smem));
+    int per_sm = 0;
+    DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, P->kernel, kThreads, P->smem));
+    P->per_sm = per_sm < 1 ? 1 : per_sm;
+    return DD_OK;
 }
 
 } // namespace
@@ -266,34 +490,58 @@ extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweig
     if (!d_qweight || !d_scales || !d_zeros || !d_x || !d_y) return DD_ERR_INVALID_ARGUMENT;
     int n_sm = 0, smem_optin = 0;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
-    const int d_in_pad = dd_d_in_pad(s);
-    const size_t smem = staged_smem_bytes(s->bits, d_in_pad);
-    if (smem > (size_t)smem_optin) return DD_ERR_UNSUPPORTED; /* d_in beyond ~48K on sm_86/89 */
-    const int n_units = d_in_pad / (s->bits == 4 ? 32 : 64);
-    int lanes = 32;
-    while (lanes > 1 && lanes / 2 >= n_units) lanes /= 2;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
-    /* rows per lane group: as many as keep >= 12 warps per usable SM busy */
-    const long groups = (long)s->d_out / 1; /* row groups of ROWS rows */
-    int rows = 4;
-    while (rows > 1 && groups / rows * lanes / 32 < 12L * n_sm_free) rows /= 2;
-    const int rows_per_block = kWarps * (32 / lanes) * rows;
-    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int,
-                   int, int, int, int, int);
-    if (s->bits == 4) kernel = rows == 4 ? gemv_base_kernel<4, 4> : rows == 2 ? gemv_base_kernel<4, 2> : gemv_base_kernel<4, 1>;
-    else kernel = rows == 4 ? gemv_base_kernel<3, 4> : rows == 2 ? gemv_base_kernel<3, 2> : gemv_base_kernel<3, 1>;
-    if (smem > 48 * 1024) DD_CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                     (int)smem));
-    int per_sm = 0;
-    DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    if (per_sm < 1) per_sm = 1;
-    long blocks = ((long)s->d_out + rows_per_block - 1) / rows_per_block;
-    if (blocks > (long)n_sm_free * per_sm) blocks = (long)n_sm_free * per_sm;
-    kernel<<<(unsigned)blocks, kThreads, smem, (cudaStream_t)stream>>>(
+    BasePlan P;
+    if ((st = plan_base<false>(s, n_sm_free, &P)) != DD_OK) return st;
+    long blocks = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
+    if (blocks > (long)n_sm_free * P.per_sm) blocks = (long)n_sm_free * P.per_sm;
+    DecArgs none = {};
+    P.kernel<<<(unsigned)blocks, kThreads, P.smem, (cudaStream_t)stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales),
         reinterpret_cast<const __half *>(d_zeros), reinterpret_cast<const __half *>(d_x),
-        reinterpret_cast<__half *>(d_y), s->d_in, d_in_pad, s->d_out, s->group_size, accumulate,
-        lanes);
+        reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s), s->d_out, s->group_size, accumulate,
+        P.lanes, none);
     DD_CK_LAUNCH("gemv_base_kernel");
+    return DD_OK;
+}
+
+/* The whole layer in one launch: blocks 0..n_dec-1 select and fetch residual rows, the rest run
+ * the base GEMV; both add into the layer's fp32 accumulator and the last contributor of each
+ * 32-output tile writes y.  with_base 0: DEC alone (y = delta, or y += delta). */
+dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
+                               const uint16_t *d_zeros, const dd_fused_dec *dec, const uint16_t *d_x,
+                               uint16_t *d_y, int accumulate, void *stream) {
+    int n_sm = 0, smem_optin = 0;
+    dd_status st;
+    if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
+    const int n_chunks = dd_num_chunks(s->d_in), units = s->d_out / 32;
+    int n_dec = dec->n_tb < 1 ? 1 : dec->n_tb;
+    const int n_slices = std::min(units, std::max(1, n_dec / n_chunks));
+    n_dec = std::min(n_dec, n_chunks * n_slices);
+    int base_sm = dec->base_sm > 0 && dec->base_sm <= n_sm ? dec->base_sm : std::max(1, n_sm - n_dec);
+    BasePlan P;
+    if ((st = plan_base<true>(s, base_sm, &P)) != DD_OK) return st;
+    long blocks = 0;
+    if (dec->with_base) {
+        blocks = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
+        if (blocks > (long)base_sm * P.per_sm) blocks = (long)base_sm * P.per_sm;
+    }
+    DecArgs D;
+    D.rcodes = reinterpret_cast<const uint4 *>(dec->rcodes);
+    D.rscales = reinterpret_cast<const __half *>(dec->rscales);
+    D.floors = dec->floors;
+    D.acc = dec->acc;
+    D.count = dec->count;
+    D.k_chunk = dec->k_chunk;
+    D.n_dec = n_dec;
+    D.n_slices = n_slices;
+    D.has_base = dec->with_base ? 1 : 0;
+    D.accumulate = accumulate;
+    P.kernel<<<(unsigned)(blocks + n_dec), kThreads, P.smem, (cudaStream_t)stream>>>(
+        d_qweight, reinterpret_cast<const __half *>(d_scales),
+        reinterpret_cast<const __half *>(d_zeros), reinterpret_cast<const __half *>(d_x),
+        reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s), s->d_out, s->group_size, accumulate,
+        P.lanes, D);
+    DD_CK_LAUNCH("gemv_base_kernel<DEC>");
     return DD_OK;
 }

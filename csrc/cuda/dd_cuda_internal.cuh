@@ -22,13 +22,31 @@ dd_status dd_cuda_fail(cudaError_t err, const char *what, const char *file, int 
 /* Multiprocessor count and dynamic shared-memory limit of the current device (cached). */
 dd_status dd_cuda_device_limits(int *n_sm, int *max_smem_optin);
 
+/* DEC half of the one-launch layer kernel (dd_cuda_gemv.cu). */
+typedef struct {
+    const uint8_t *rcodes;     /* device view of the pinned mapped residual */
+    const uint16_t *rscales;
+    const float *floors;
+    float *acc;                /* d_out fp32, zero between calls (the kernel leaves it so) */
+    int *count;                /* d_out / 32 tile counters, likewise */
+    int k_chunk, n_tb;
+    int base_sm;               /* SMs the base grid is sized for; 0 = SMs - n_tb */
+    int with_base;
+} dd_fused_dec;
+dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
+                               const uint16_t *d_zeros, const dd_fused_dec *dec, const uint16_t *d_x,
+                               uint16_t *d_y, int accumulate, void *stream);
+
 /* The layer object (dd_cuda_runtime.cu); the benchmark swaps its weight pointers. */
 struct dd_cuda_layer {
     dd_shape shape;
     int device;
     int n_sm;
     int32_t k_chunk, k_total, n_tb;
-    int serial;
+    int serial;                /* DD_PATH_* below */
+    int base_sm;               /* fused path: SMs the base grid is sized for (0 = SMs - n_tb) */
+    float *d_acc;              /* fused path: fp32 accumulator (d_out) and tile counters */
+    int *d_count;
     uint8_t *d_qweight;
     uint16_t *d_scales, *d_zeros, *d_rscales;
     float *d_floors, *d_xsel;
@@ -38,5 +56,8 @@ struct dd_cuda_layer {
     cudaStream_t side;
     cudaEvent_t fork, join;
 };
+
+/* How a layer call runs DEC (dd_cuda_layer_set_serial's argument). */
+enum { DD_PATH_FUSED = 0, DD_PATH_SERIAL = 1, DD_PATH_FORKJOIN = 2 };
 
 #endif

@@ -161,7 +161,7 @@ extern "C" dd_status dd_cuda_layer_destroy(dd_cuda_layer *L) {
     dd_status st = DD_OK;
     if (cudaGetDevice(&prev) == cudaSuccess && prev != L->device) cudaSetDevice(L->device);
     void *bufs[] = {L->d_qweight, L->d_scales, L->d_zeros, L->d_rscales,
-                    L->d_floors, L->d_xsel, L->d_idx};
+                    L->d_floors, L->d_xsel, L->d_idx, L->d_acc, L->d_count};
     for (void *p : bufs)
         if (p && cudaFree(p) != cudaSuccess) st = dd_cuda_fail(cudaGetLastError(), "cudaFree", __FILE__, __LINE__);
     if (L->side) cudaStreamDestroy(L->side);
@@ -210,6 +210,12 @@ extern "C" dd_status dd_cuda_layer_create(const dd_shape *s, const uint8_t *h_qw
         TRYCU(cudaMalloc((void **)&L->d_floors, DD_NUM_BUCKETS * sizeof(float)));
         TRYCU(cudaMalloc((void **)&L->d_idx, (size_t)s->d_in * sizeof(int32_t)));
         TRYCU(cudaMalloc((void **)&L->d_xsel, (size_t)s->d_in * sizeof(float)));
+        /* the fused kernel leaves both zero after every call; they start zero here */
+        TRYCU(cudaMalloc((void **)&L->d_acc, (size_t)s->d_out * sizeof(float)));
+        TRYCU(cudaMalloc((void **)&L->d_count, (size_t)(s->d_out / 32) * sizeof(int)));
+        TRYCU(cudaMemset(L->d_acc, 0, (size_t)s->d_out * sizeof(float)));
+        TRYCU(cudaMemset(L->d_count, 0, (size_t)(s->d_out / 32) * sizeof(int)));
+        TRYCU(cudaDeviceSynchronize());
         void *dev = NULL;
         TRYCU(cudaHostGetDevicePointer(&dev, const_cast<uint8_t *>(h_rcodes_pinned), 0));
         L->rcodes_dev = (const uint8_t *)dev;
@@ -263,38 +269,61 @@ extern "C" dd_status dd_cuda_layer_set_n_tb(dd_cuda_layer *L, int32_t n_tb) {
 }
 
 extern "C" dd_status dd_cuda_layer_set_serial(dd_cuda_layer *L, int serial) {
-    if (!L) return DD_ERR_INVALID_ARGUMENT;
-    L->serial = serial != 0;
+    if (!L || serial < DD_PATH_FUSED || serial > DD_PATH_FORKJOIN) return DD_ERR_INVALID_ARGUMENT;
+    L->serial = serial;
+    return DD_OK;
+}
+
+/* Legacy path, kept for measurements: memset, fork, select + fetch kernels on the side stream
+ * beside the base GEMV (fp16 atomics), join. */
+static dd_status forward_token_forkjoin(dd_cuda_layer *L, const uint16_t *x, uint16_t *y,
+                                        int accumulate, cudaStream_t stream) {
+    const dd_shape *s = &L->shape;
+    dd_status st;
+    if (!accumulate) DD_CK(cudaMemsetAsync(y, 0, (size_t)s->d_out * 2, stream));
+    DD_CK(cudaEventRecord(L->fork, stream));
+    DD_CK(cudaStreamWaitEvent(L->side, L->fork, 0));
+    if ((st = dd_cuda_select(s->d_in, x, L->d_floors, L->k_chunk, L->d_idx, L->d_xsel, L->n_tb,
+                             L->side)) != DD_OK)
+        return st;
+    if ((st = dd_cuda_dec_fetch(s, L->rcodes_dev, L->d_rscales, L->d_idx, L->d_xsel, L->k_total,
+                                L->n_tb, y, L->side)) != DD_OK)
+        return st;
+    DD_CK(cudaEventRecord(L->join, L->side));
+    const int free_sm = L->n_sm - L->n_tb > 0 ? L->n_sm - L->n_tb : 1;
+    if ((st = dd_cuda_gemv_base(s, L->d_qweight, L->d_scales, L->d_zeros, x, y, 1, free_sm,
+                                stream)) != DD_OK)
+        return st;
+    DD_CK(cudaStreamWaitEvent(stream, L->join, 0));
     return DD_OK;
 }
 
 static dd_status forward_token(dd_cuda_layer *L, const uint16_t *x, uint16_t *y, int accumulate,
                                cudaStream_t stream) {
     const dd_shape *s = &L->shape;
-    dd_status st;
     if (L->k_total == 0)
         return dd_cuda_gemv_base(s, L->d_qweight, L->d_scales, L->d_zeros, x, y, accumulate, 0,
                                  stream);
-    /* base and DEC both add atomically into y: zero it first unless accumulating */
-    if (!accumulate) DD_CK(cudaMemsetAsync(y, 0, (size_t)s->d_out * 2, stream));
-    cudaStream_t dec = L->serial ? stream : L->side;
-    if (!L->serial) {
-        DD_CK(cudaEventRecord(L->fork, stream));
-        DD_CK(cudaStreamWaitEvent(L->side, L->fork, 0));
+    if (L->serial == DD_PATH_FORKJOIN) return forward_token_forkjoin(L, x, y, accumulate, stream);
+    dd_fused_dec dec;
+    dec.rcodes = L->rcodes_dev;
+    dec.rscales = L->d_rscales;
+    dec.floors = L->d_floors;
+    dec.acc = L->d_acc;
+    dec.count = L->d_count;
+    dec.k_chunk = L->k_chunk;
+    dec.n_tb = L->n_tb;
+    dec.base_sm = L->base_sm;
+    if (L->serial == DD_PATH_SERIAL) { /* DEC alone writes y (=|+= delta), then base adds */
+        dec.with_base = 0;
+        dd_status st = dd_cuda_fused_launch(s, L->d_qweight, L->d_scales, L->d_zeros, &dec, x, y,
+                                            accumulate, stream);
+        if (st != DD_OK) return st;
+        return dd_cuda_gemv_base(s, L->d_qweight, L->d_scales, L->d_zeros, x, y, 1, 0, stream);
     }
-    if ((st = dd_cuda_select(s->d_in, x, L->d_floors, L->k_chunk, L->d_idx, L->d_xsel, L->n_tb,
-                             dec)) != DD_OK)
-        return st;
-    if ((st = dd_cuda_dec_fetch(s, L->rcodes_dev, L->d_rscales, L->d_idx, L->d_xsel, L->k_total,
-                                L->n_tb, y, dec)) != DD_OK)
-        return st;
-    if (!L->serial) DD_CK(cudaEventRecord(L->join, L->side));
-    const int free_sm = L->serial ? 0 : (L->n_sm - L->n_tb > 0 ? L->n_sm - L->n_tb : 1);
-    if ((st = dd_cuda_gemv_base(s, L->d_qweight, L->d_scales, L->d_zeros, x, y, 1, free_sm,
-                                stream)) != DD_OK)
-        return st;
-    if (!L->serial) DD_CK(cudaStreamWaitEvent(stream, L->join, 0));
-    return DD_OK;
+    dec.with_base = 1;
+    return dd_cuda_fused_launch(s, L->d_qweight, L->d_scales, L->d_zeros, &dec, x, y, accumulate,
+                                stream);
 }
 
 extern "C" dd_status dd_cuda_layer_forward(dd_cuda_layer *L, const uint16_t *d_x, uint16_t *d_y,

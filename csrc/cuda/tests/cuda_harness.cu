@@ -327,10 +327,58 @@ static int run_probe() {
     return 0;
 }
 
+/* Where the time goes: every component of a layer call timed in the same run (graph-captured,
+ * weights rotated).  Usage: cuda_harness parts [quick] */
+static int run_parts(int quick) {
+    char name[256];
+    OK(dd_cuda_device_name(0, name, sizeof name));
+    printf("parts on %s\n", name);
+    struct { int d_in, d_out; } shapes[] = {{4096, 4096}, {4096, 14336}, {14336, 4096}, {8192, 28672}};
+    for (auto &sh : shapes) {
+        for (int bits : {3, 4}) {
+            if (quick && bits == 4 && sh.d_in == 4096 && sh.d_out == 4096) continue;
+            dd_shape s = {sh.d_in, sh.d_out, bits, 128};
+            dd_cuda_bench *b;
+            OK(dd_cuda_bench_create(&s, 0, 7, &b));
+            size_t bytes; int copies, n_sm;
+            OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
+            const int iters = std::max(20, std::min(copies, 400)), reps = 7;
+            double t_read, t_base, t_empty;
+            OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, reps, &t_read));
+            OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, reps, &t_base));
+            OK(dd_cuda_bench_run(b, DD_BENCH_EMPTY, 0, 0, iters, reps, &t_empty));
+            printf("%5d->%-5d %db: read %.2f us, base %.2f us (%.1f%% of read), empty kernel %.2f us\n", sh.d_in,
+                   sh.d_out, bits, t_read, t_base, 100 * t_read / t_base, t_empty);
+            for (int ntb : {8, 16, 32}) {
+                double t_res, dec1, dec8, leg8, f[4], full8, fj8, fj1;
+                const int kc[4] = {1, 8, 12, 16};
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, ntb, iters, reps, &t_res));
+                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 1, ntb, iters, reps, &dec1));
+                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 8, ntb, iters, reps, &dec8));
+                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_LEGACY, 8, ntb, iters, reps, &leg8));
+                for (int i = 0; i < 4; i++) OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, kc[i], ntb, iters, reps, &f[i]));
+                OK(dd_cuda_bench_run(b, DD_BENCH_FUSED_FULL, 8, ntb, iters, reps, &full8));
+                OK(dd_cuda_bench_run(b, DD_BENCH_FORKJOIN, 8, ntb, iters, reps, &fj8));
+                OK(dd_cuda_bench_run(b, DD_BENCH_FORKJOIN, 1, ntb, iters, reps, &fj1));
+                printf("   n_tb %2d: base reserved %+5.1f%% | dec-only k1 %.2f k8 %.2f (legacy 2-kernel k8 %.2f) us | "
+                       "fused k1 %+5.1f%% k8 %+5.1f%% k12 %+5.1f%% k16 %+5.1f%% | fused full-grid k8 %+5.1f%% | "
+                       "old fork/join k1 %+5.1f%% k8 %+5.1f%%\n",
+                       ntb, 100 * (t_res / t_base - 1), dec1, dec8, leg8, 100 * (f[0] / t_base - 1),
+                       100 * (f[1] / t_base - 1), 100 * (f[2] / t_base - 1), 100 * (f[3] / t_base - 1),
+                       100 * (full8 / t_base - 1), 100 * (fj8 / t_base - 1), 100 * (fj1 / t_base - 1));
+            }
+            fflush(stdout);
+            OK(dd_cuda_bench_destroy(b));
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (dd_cuda_device_count() <= 0) { printf("no CUDA device\n"); return 2; }
     const int quick = argc > 2 && strcmp(argv[2], "quick") == 0;
     if (argc > 1 && strcmp(argv[1], "bench") == 0) return run_bench(quick);
     if (argc > 1 && strcmp(argv[1], "probe") == 0) return run_probe();
+    if (argc > 1 && strcmp(argv[1], "parts") == 0) return run_parts(quick);
     return run_tests(quick);
 }
