@@ -161,12 +161,6 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
 #pragma unroll
                     for (int i = 0; i < 32; i++)
                         atomicAdd(D.acc + unit * 32 + i, acc[i] * __half2float(D.rscales[unit * 32 + i]));
-                    __threadfence();
-                }
-                if (tile_arrive(D, unit, 32, expected)) {
-                    __threadfence();
-                    for (int i = 0; i < 32; i++) tile_finish(D, y, unit * 32 + i);
-                    D.count[unit] = 0;
                 }
             }
         } else {
@@ -207,15 +201,38 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
                 }
                 __syncthreads();
             }
-            __threadfence();
-            __syncthreads();
-            if (t < U && tile_arrive(D, u0 + t, 32, expected)) {
-                __threadfence();
-                for (int i = 0; i < 32; i++) tile_finish(D, y, (u0 + t) * 32 + i);
-                D.count[u0 + t] = 0;
-            }
         }
-        __syncthreads(); /* S is rewritten by the next item's selection */
+        /* this item's adds are done: its tiles arrive (one counter atomic per tile, in parallel),
+         * and the tiles it completed are written by the whole block, 256 at a time */
+        __threadfence();
+        int *fin = reinterpret_cast<int *>(part);
+        for (int ub = 0; ub < U; ub += kDecThreads) {
+            if (t == 0) S.n_sel = 0;
+            __syncthreads();
+            const int ul = ub + t;
+            if (ul < U && tile_arrive(D, u0 + ul, 32, expected)) fin[atomicAdd(&S.n_sel, 1)] = u0 + ul;
+            __syncthreads();
+            __threadfence();
+            const int n_fin = S.n_sel;
+            for (int i0 = t; i0 < n_fin * 32; i0 += 8 * kDecThreads) {
+                float v[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const int i = i0 + k * kDecThreads;
+                    v[k] = i < n_fin * 32 ? atomicExch(D.acc + fin[i >> 5] * 32 + (i & 31), 0.f) : 0.f;
+                }
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const int i = i0 + k * kDecThreads;
+                    if (i < n_fin * 32) {
+                        const int o = fin[i >> 5] * 32 + (i & 31);
+                        y[o] = __float2half_rn(D.accumulate ? __half2float(y[o]) + v[k] : v[k]);
+                    }
+                }
+            }
+            if (t < n_fin) D.count[fin[t]] = 0;
+            __syncthreads();
+        }
     }
 }
 
