@@ -123,10 +123,17 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
                           int d_in, int d_out, unsigned char *smem_raw) {
     using namespace dd_dec;
     SelectSmem &S = *reinterpret_cast<SelectSmem *>(smem_raw);
-    float *part = reinterpret_cast<float *>(smem_raw + sizeof(SelectSmem)); /* 8 x 256 */
+    float *part = reinterpret_cast<float *>(smem_raw + sizeof(SelectSmem)); /* 9 x 256: 8 warps x 8 x 33 */
     const int t = threadIdx.x;
     const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
     const int units = d_out / 32, expected = 32 * (n_chunks + D.has_base);
+    {   /* touch this block's first chunk of x while the floors load: both leave together */
+        const int c0 = (int)blockIdx.x / D.n_slices;
+        if (c0 < n_chunks && 4 * t < DD_CHUNK) {
+            const int j = c0 * DD_CHUNK + 4 * t;
+            if (j < d_in) asm volatile("prefetch.global.L2 [%0];" ::"l"(x + j));
+        }
+    }
     load_floors(S, D.floors);
     for (int item = blockIdx.x; item < n_chunks * D.n_slices; item += D.n_dec) {
         const int c = item / D.n_slices, sl = item % D.n_slices;
@@ -139,12 +146,14 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
         int G = 1;
         while (G < 32 && 2 * G * U <= kDecThreads && 2 * G <= n) G *= 2;
         if (G == 1) {
-            for (int ul = t; ul < U; ul += kDecThreads) {
-                const int unit = u0 + ul;
+            /* block-uniform trip count: whole warps take part in the transposed flush below */
+            for (int ub = 0; ub < U; ub += kDecThreads) {
+                const int ul = ub + t, unit = u0 + ul;
+                const bool valid = ul < U;
                 float acc[32];
 #pragma unroll
                 for (int i = 0; i < 32; i++) acc[i] = 0.f;
-                for (int r0 = 0; r0 < n; r0 += kFetchBatch) {
+                for (int r0 = 0; valid && r0 < n; r0 += kFetchBatch) {
                     uint4 v[kFetchBatch];
                     float xv[kFetchBatch];
 #pragma unroll
@@ -158,9 +167,29 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
                         if (r0 + k < n) accumulate_codes(v[k], xv[k], acc);
                 }
                 if (n) {
+                    /* each lane holds 32 consecutive outputs of its own unit: transpose 8 at a
+                     * time through this warp's slice of shared memory so that every RED
+                     * instruction covers 4 units x 8 consecutive outputs (coalesced), not 32
+                     * lines */
+                    const int lane = t & 31;
+                    float *pw = part + (t >> 5) * (8 * 33);
+                    const int wunit0 = u0 + ub + (t & ~31);
 #pragma unroll
-                    for (int i = 0; i < 32; i++)
-                        atomicAdd(D.acc + unit * 32 + i, acc[i] * __half2float(D.rscales[unit * 32 + i]));
+                    for (int q = 0; q < 4; q++) {
+#pragma unroll
+                        for (int k = 0; k < 8; k++) pw[k * 33 + lane] = acc[q * 8 + k];
+                        __syncwarp();
+#pragma unroll
+                        for (int j = 0; j < 8; j++) {
+                            const int id = j * 32 + lane, wl = id >> 3, k = id & 7;
+                            const int uu = wunit0 + wl;
+                            if (uu < u1) {
+                                const int out = uu * 32 + q * 8 + k;
+                                atomicAdd(D.acc + out, pw[k * 33 + wl] * __half2float(D.rscales[out]));
+                            }
+                        }
+                        __syncwarp();
+                    }
                 }
             }
         } else {
@@ -193,7 +222,7 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
                 }
                 __syncthreads();
                 for (int o = t; o < 8 * U; o += kDecThreads) {
-                    const int k = o / U, uu = o % U;
+                    const int k = o & 7, uu = o >> 3; /* 8 consecutive outputs per unit: coalesced */
                     float sum = 0.f;
                     for (int g = 0; g < G; g++) sum += part[(k * G + g) * U + uu];
                     const int out = (u0 + uu) * 32 + q * 8 + k;
@@ -475,7 +504,7 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     const int d_in_pad = dd_d_in_pad(s);
     P->smem = staged_smem_bytes(s->bits, d_in_pad);
-    if (DEC) P->smem = std::max(P->smem, sizeof(dd_dec::SelectSmem) + 8 * dd_dec::kDecThreads * sizeof(float));
+    if (DEC) P->smem = std::max(P->smem, sizeof(dd_dec::SelectSmem) + 9 * dd_dec::kDecThreads * sizeof(float));
     if (P->smem > (size_t)smem_optin) return DD_ERR_UNSUPPORTED; /* d_in beyond ~48K on sm_86/89 */
     const int n_units = d_in_pad / (s->bits == 4 ? 32 : 64);
     int lanes = 32;
