@@ -5,7 +5,7 @@ of sorted |x|, decdec.calibrate.ThresholdCalibrator) and the static channel rank
 |x|) are calibrated on Emma; recall is measured on Persuasion tokens against each token's exact
 per-chunk top-k (decdec.h's 'exact' rule):
 
-    recall = |S(x) ∩ TopK(x)| / |TopK(x)|,  averaged over tokens and the 30 layers of one input type.
+    recall = |S(x) ∩ TopK(x)| / |TopK(x)|, averaged over tokens and the 30 layers of an input type.
 
 SmolLM2 has four distinct linear inputs per layer (wq/wk/wv share one, w_gate/w_up share one):
 attn-in (576), wo-in (576), mlp-in (576) and w_down-in (1536). The bucket selection is that of
@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
-from decdec import formats
+from decdec import data, formats
 from decdec.calibrate import ThresholdCalibrator
 from decdec.cheatsheet import build_cheatsheet
 from decdec.fetch import fetch_smollm2
@@ -33,7 +32,6 @@ from decdec.loaders import load_gguf
 from decdec.model import LlamaModel
 from decdec.quantize import quantize_rtn
 
-DATA = Path("/work/shared/data/austen")
 K_CHUNKS = (4, 8, 16, 32, 64)
 # One representative linear per distinct input, the name the hook reports it under.
 INPUTS = {"wq": "attn-in", "wo": "wo-in", "w_gate": "mlp-in", "w_down": "w_down-in"}
@@ -44,7 +42,8 @@ def text_windows(tokens: np.ndarray, n_windows: int, context: int, bos_id: int) 
     """Non-overlapping windows of BOS + (context - 1) text tokens from the start of the text."""
     step = context - 1
     if len(tokens) < n_windows * step:
-        raise ValueError(f"text has {len(tokens)} tokens, {n_windows} windows need {n_windows * step}")
+        raise ValueError(f"text has {len(tokens)} tokens, {n_windows} windows need "
+                         f"{n_windows * step}")
     return [np.concatenate([[bos_id], tokens[w * step:(w + 1) * step]]).astype(np.int64)
             for w in range(n_windows)]
 
@@ -91,7 +90,8 @@ class Calibration:
 def chunk_bounds(d_in: int, k_chunk: int):
     """[(lo, hi, quota)] per 1024-wide chunk (decdec.h)."""
     quotas = formats.chunk_quotas(d_in, k_chunk)
-    return [(c * formats.CHUNK, min(d_in, (c + 1) * formats.CHUNK), q) for c, q in enumerate(quotas)]
+    return [(c * formats.CHUNK, min(d_in, (c + 1) * formats.CHUNK), q)
+            for c, q in enumerate(quotas)]
 
 
 def exact_mask(A: np.ndarray, k_chunk: int) -> np.ndarray:
@@ -125,7 +125,8 @@ def bucket_mask(A: np.ndarray, floors: np.ndarray, k_chunk: int) -> np.ndarray:
 
 
 def static_mask(mean_abs: np.ndarray, T: int, k_chunk: int) -> np.ndarray:
-    """The same channels for every token: per chunk the quota with the largest calibration mean |x|."""
+    """The same channels for every token: per chunk, the quota with the largest calibration
+    mean |x|."""
     d_in = len(mean_abs)
     sel = np.zeros(d_in, bool)
     for lo, hi, q in chunk_bounds(d_in, k_chunk):
@@ -182,7 +183,8 @@ def measure(weights, calib: Calibration, evals: dict):
                 mb = bucket_mask(A, formats.bucket_floors(t, sum(formats.chunk_quotas(d_in, k))), k)
                 for tk in range(len(X)):
                     checked += 1
-                    mismatches += not np.array_equal(np.sort(dl.select(X[tk])), np.flatnonzero(mb[tk]))
+                    sel = np.sort(dl.select(X[tk]))
+                    mismatches += not np.array_equal(sel, np.flatnonzero(mb[tk]))
                 ms = static_mask(calib.mean_abs(key), len(X), k)
                 s = stats[k]
                 s["rb"].append(recall(mb, truth).mean()); s["mb"].append(mass(mb, truth, A).mean())
@@ -223,8 +225,8 @@ def main():
     weights, tok = load_gguf(fetch_smollm2())
     model = LlamaModel(weights)
     bos = weights.config.bos_id
-    emma = tok.encode((DATA / "emma.txt").read_text(encoding="utf-8"))
-    pers = tok.encode((DATA / "persuasion.txt").read_text(encoding="utf-8"))
+    emma = tok.encode(data.text("emma"))
+    pers = tok.encode(data.text("persuasion"))
     calib = Calibration()
     record_inputs(model, text_windows(emma, args.calib_windows, args.context, bos), calib)
     recorded = {}
@@ -253,7 +255,8 @@ def main():
             print(f"| {label} | {d_in} | {k} | {n} | {rb:.3f} | {wl} ({worst:.3f}) | {mb:.3f} | "
                   f"{rs:.3f} | {ms:.3f} |")
     if mismatches:
-        raise SystemExit(f"DecLinear.select disagreed with the NumPy twin on {mismatches} selections")
+        raise SystemExit(f"DecLinear.select disagreed with the NumPy twin on {mismatches} "
+                         "selections")
 
     table = measure_variants(weights.config.n_layers, calib, evals)
     print("\nBucket-rule recall when the thresholds array holds another statistic over calibration "
@@ -263,7 +266,8 @@ def main():
     print("|---|---|" + "---|" * len(VARIANT_RULES))
     for name, label in INPUTS.items():
         for k in K_CHUNKS:
-            print(f"| {label} | {k} | " + " | ".join(f"{table[(name, k, r)]:.3f}" for r in VARIANT_RULES) + " |")
+            cells = " | ".join(f"{table[(name, k, r)]:.3f}" for r in VARIANT_RULES)
+            print(f"| {label} | {k} | {cells} |")
     print(f"\n(recording {t_record:.0f} s, total {time.time() - t0:.0f} s)")
 
 

@@ -12,11 +12,10 @@ the other side after rounding) is ruled out directly by comparing the selected c
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from decdec import data
 from decdec.calibrate import ThresholdCalibrator
 from decdec.cheatsheet import build_cheatsheet
 from decdec.layer import make_declinear
@@ -24,7 +23,6 @@ from decdec.model import LINEAR_NAMES, LlamaModel
 from decdec.quantize import quantize_rtn
 from decdec.reference import reference_forward
 
-AUSTEN = Path("/work/shared/data/austen")
 BITS, GROUP, K_CHUNK = 3, 128, 8
 # The residual scale search tries 8 candidates instead of 32: the cheatsheet's quality is not what
 # this test is about, and it saves ~10 s of quantization on a 2-core machine.
@@ -39,10 +37,7 @@ LOGIT_ATOL = 1e-3
 
 
 def _text(name: str) -> str:
-    path = AUSTEN / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path.read_text(encoding="utf-8")
+    return data.text(name)  # shipped with the package (decdec/data)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def quantized(smollm2):
     def calibrate(layer, name, x):
         calibrators.setdefault((layer, name), ThresholdCalibrator(x.shape[1])).update(x)
 
-    emma = tok.encode(_text("emma.txt")[:40000])
+    emma = tok.encode(_text("emma")[:40000])
     step = CALIB_LEN - 1
     for w in range(CALIB_WINDOWS):
         reference.forward(np.concatenate([[bos], emma[w * step:(w + 1) * step]]), hook=calibrate)
@@ -73,7 +68,7 @@ def quantized(smollm2):
                                                 k_chunk=K_CHUNK)
     assert len(linears) == 210
 
-    pers = tok.encode(_text("persuasion.txt")[:40000])
+    pers = tok.encode(_text("persuasion")[:40000])
     ids = np.concatenate([[bos], pers[TEXT_OFFSET:TEXT_OFFSET + SEQ_LEN - 1]]).astype(np.int64)
     return reference, LlamaModel(weights, linears), linears, pieces, ids
 
