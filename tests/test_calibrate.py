@@ -27,3 +27,20 @@ def test_streaming_equals_one_shot_and_skips_non_finite_tokens():
         cal.update(np.zeros((3, 65)))
     with pytest.raises(ValueError, match="no calibration"):
         ThresholdCalibrator(8).thresholds
+
+
+def test_quantile_thresholds():
+    rng = np.random.default_rng(7)
+    X = rng.standard_t(3, (300, 200)).astype(np.float32)
+    t = calibrate_thresholds(X, quantile=0.9)
+    srt = -np.sort(-np.abs(X.astype(np.float64)), axis=1)
+    expected = np.minimum.accumulate(np.quantile(srt, 0.9, axis=0))
+    np.testing.assert_allclose(t, expected, rtol=1e-6)
+    assert (np.diff(t) <= 0).all() and (t <= calibrate_thresholds(X)).all()
+    np.testing.assert_array_equal(calibrate_thresholds(X, quantile=1.0), calibrate_thresholds(X))
+    cal = ThresholdCalibrator(200, quantile=0.5, max_rank=10)
+    cal.update(X)
+    tq = cal.thresholds
+    assert (np.diff(tq) <= 0).all() and tq[10:].max() <= tq[9]
+    with pytest.raises(ValueError, match="quantile"):
+        ThresholdCalibrator(5, quantile=0.0)
