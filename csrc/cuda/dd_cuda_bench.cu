@@ -218,8 +218,14 @@ static dd_status enqueue_call(dd_cuda_bench *b, int mode, int i, int32_t n_tb) {
     case DD_BENCH_READ:
         return launch_read(base, b->copy_bytes, b->n_sm, b->d_sink, b->stream);
     case DD_BENCH_DEC_ONLY: {
-        dd_fused_dec dec = {L->rcodes_dev, L->d_rscales, L->d_floors, L->d_acc, L->d_count,
-                            L->k_chunk, n_tb, 0, 0};
+        dd_fused_dec dec;
+        memset(&dec, 0, sizeof dec);
+        dec.rcodes = L->rcodes_dev;
+        dec.rscales = L->d_rscales;
+        dec.cell = L->d_cell;
+        memcpy(dec.floors_half, L->floors_half, sizeof dec.floors_half);
+        dec.k_chunk = L->k_chunk;
+        dec.n_tb = n_tb;
         return dd_cuda_fused_launch(&b->shape, L->d_qweight, L->d_scales, L->d_zeros, &dec, x, y, 0,
                                     b->stream);
     }

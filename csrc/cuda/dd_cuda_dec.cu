@@ -12,6 +12,8 @@
  *   byte is read once; the fp32 partial sums meet in shared memory (plain stores, four rounds,
  *   no atomics, no bank conflicts), then one fp16 atomic per output merges into y.
  */
+#include <string.h>
+
 #include "dd_cuda_dec_device.cuh"
 
 namespace {
@@ -42,6 +44,23 @@ select_kernel(const __half *__restrict__ x, int d_in, const float *__restrict__ 
         }
         __syncthreads();
     }
+}
+
+/* One warp per chunk: the fused kernel's selection (dd_cuda_dec_device.cuh), for
+ * dd_cuda_layer_select, so the tests compare exactly the code the layer call runs. */
+struct FloorsHalf { unsigned short h[DD_NUM_BUCKETS]; };
+
+__global__ void __launch_bounds__(dd_dec::kDecThreads)
+select_warp_kernel(const __half *__restrict__ x, int d_in, FloorsHalf fh, int k_chunk, int *__restrict__ idx) {
+    __shared__ __half2 fh2[DD_NUM_BUCKETS];
+    if (threadIdx.x < DD_NUM_BUCKETS)
+        fh2[threadIdx.x] = __halves2half2(__ushort_as_half(fh.h[threadIdx.x]), __ushort_as_half(fh.h[threadIdx.x]));
+    __syncthreads();
+    const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
+    const int c = blockIdx.x * dd_dec::kDecWarps + (threadIdx.x >> 5);
+    if (c >= n_chunks) return;
+    const int start = c * DD_CHUNK, quota = dd_dec::chunk_quota(d_in, c, k_chunk);
+    if (quota) dd_dec::warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2, idx + c * k_chunk);
 }
 
 /* acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
@@ -137,6 +156,20 @@ extern "C" dd_status dd_cuda_select(int32_t d_in, const uint16_t *d_x, const flo
     select_kernel<<<blocks, dd_dec::kDecThreads, 0, (cudaStream_t)stream>>>(
         reinterpret_cast<const __half *>(d_x), d_in, d_floors, k_chunk, d_idx, d_xsel);
     DD_CK_LAUNCH("select_kernel");
+    return DD_OK;
+}
+
+dd_status dd_cuda_select_fused(int32_t d_in, const uint16_t *d_x, const uint16_t *floors_half,
+                               int32_t k_chunk, int32_t *d_idx, void *stream) {
+    if (d_in <= 0 || !d_x || !floors_half || !d_idx || k_chunk < 0 || k_chunk > DD_CHUNK)
+        return DD_ERR_INVALID_ARGUMENT;
+    if (k_chunk == 0) return DD_OK;
+    FloorsHalf fh;
+    memcpy(fh.h, floors_half, sizeof fh.h);
+    const int blocks = (dd_num_chunks(d_in) + dd_dec::kDecWarps - 1) / dd_dec::kDecWarps;
+    select_warp_kernel<<<blocks, dd_dec::kDecThreads, 0, (cudaStream_t)stream>>>(
+        reinterpret_cast<const __half *>(d_x), d_in, fh, k_chunk, d_idx);
+    DD_CK_LAUNCH("select_warp_kernel");
     return DD_OK;
 }
 

@@ -154,6 +154,94 @@ __device__ __forceinline__ int select_chunk(SelectSmem &S, const __half *__restr
     return n;
 }
 
+
+/* ---- v5: one WARP selects one chunk (the layer call's path; floors must be non-increasing) ----
+ * With non-increasing floors, "bucket <= i" is "|x| >= f[i]", so the cumulative bucket counts are
+ * C(i) = #{|x| >= f[i]} (non-decreasing in i) and the cut bucket is the first i with
+ * C(i) > quota: a 5-step binary search, each step one compare per input plus one warp reduction,
+ * instead of a histogram and block scans.  x is fp16, so |x| >= f  <=>  |x| >= ceil_half(f): the
+ * compares run on half2 pairs against the floors rounded UP to fp16 on the host (exact, see
+ * dd_cuda_runtime.cu).  NaN fails every compare (no bucket); +-Inf passes f[0] (bucket 0).
+ * Lane l owns inputs 32l..32l+31 of the chunk, so lane order is index order and one packed warp
+ * scan gives every selected input its ascending slot (lowest index first in the cut bucket). */
+constexpr uint32_t kHalfNaN2 = 0x7E007E00u;
+
+/* fh2[i] = (ceil_half(f[i]), same) for i = 0..31.  Writes out_idx[0..quota): selected indices
+ * ascending, -1 in slots NaNs left empty.  Every lane of the warp must call it. */
+__device__ __forceinline__ void warp_select_chunk(const __half *__restrict__ x, int start, int len,
+                                                  int quota, const __half2 *fh2, int *out_idx) {
+    const int lane = threadIdx.x & 31, j0 = 32 * lane;
+    __half2 v[16];
+    if ((((uintptr_t)(x + start)) & 15) == 0 && j0 + 32 <= len) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(x + start + j0);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const uint4 w = __ldg(p + q);
+            const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const uint32_t a = ws[r] & 0x7FFF7FFFu; /* |x|; NaN stays NaN */
+                memcpy(&v[4 * q + r], &a, 4);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 16; e++) {
+            uint32_t a = kHalfNaN2; /* out of range: never counted, never selected */
+            const int j = j0 + 2 * e;
+            if (j < len) a = (a & 0xFFFF0000u) | (__half_as_ushort(x[start + j]) & 0x7FFFu);
+            if (j + 1 < len) a = (a & 0x0000FFFFu) | ((uint32_t)(__half_as_ushort(x[start + j + 1]) & 0x7FFFu) << 16);
+            memcpy(&v[e], &a, 4);
+        }
+    }
+    /* binary search for the cut: first i with C(i) > quota (32 if none) */
+    int lo = 0, hi = DD_NUM_BUCKETS, taken = 0;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        const __half2 f = fh2[mid];
+        __half2 c = __float2half2_rn(0.f);
+#pragma unroll
+        for (int e = 0; e < 16; e++) c = __hadd2(c, __hge2(v[e], f)); /* 1.0 per hit, <= 16: exact */
+        const int mine = (int)(__low2float(c) + __high2float(c));
+        const int cnt = __reduce_add_sync(0xffffffffu, mine);
+        if (cnt > quota) hi = mid;
+        else { lo = mid + 1; taken = cnt; }
+    }
+    const int cut = lo, from = cut < DD_NUM_BUCKETS ? quota - taken : 0;
+    /* per-lane masks: below the cut (bucket < cut) and in the cut bucket */
+    uint32_t mlt = 0, mge = 0;
+    const __half2 flt = fh2[cut > 0 ? cut - 1 : 0], fge = fh2[cut < DD_NUM_BUCKETS ? cut : DD_NUM_BUCKETS - 1];
+#pragma unroll
+    for (int e = 0; e < 16; e++) {
+        const unsigned a = __hge2_mask(v[e], flt), b = __hge2_mask(v[e], fge);
+        mlt |= ((a & 1u) | ((a >> 15) & 2u)) << (2 * e);
+        mge |= ((b & 1u) | ((b >> 15) & 2u)) << (2 * e);
+    }
+    if (cut == 0) mlt = 0;
+    const uint32_t meq = cut < DD_NUM_BUCKETS ? (mge & ~mlt) : 0u;
+    const int packed = (__popc(mlt) << 16) | __popc(meq);
+    int incl = packed;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+    }
+    const int total = __shfl_sync(0xffffffffu, incl, 31), before = incl - packed;
+    const int lt_before = before >> 16, eq_before = before & 0xFFFF;
+    int t_eq = from - eq_before;
+    t_eq = t_eq < 0 ? 0 : (t_eq > __popc(meq) ? __popc(meq) : t_eq);
+    uint32_t keep = 0, m = meq;
+    for (int i = 0; i < t_eq; i++) { keep |= m & (0u - m); m &= m - 1; }
+    uint32_t sel = mlt | keep;
+    int pos = lt_before + min(eq_before, from);
+    while (sel) {
+        out_idx[pos++] = start + j0 + __ffs(sel) - 1;
+        sel &= sel - 1;
+    }
+    const int n = (total >> 16) + min(total & 0xFFFF, from);
+    for (int i = n + lane; i < quota; i += 32) out_idx[i] = -1;
+}
+
 } // namespace dd_dec
 
 #endif

@@ -82,15 +82,48 @@ __device__ __forceinline__ int staged_index(int j, int n_units, float *prescale)
     return ((v * n_units + u) * 4 + i) * 2 + hi;
 }
 
-/* The DEC half of the one-launch layer kernel (blocks 0..n_dec-1 of the grid). */
+/* The DEC half of the one-launch layer kernel (blocks 0..n_dec-1 of the grid).
+ *
+ * v5 meeting protocol, per output o, no counters and no fences: cell[o] (fp32) holds kCellEmpty
+ * between calls.  Each of the two parties (the base row's lane, the DEC block owning o's column
+ * slice) atomicExch-es its fp32 value into the cell; whoever gets a non-empty value back is
+ * second, writes y[o] = fp16(y? + (base + delta)) (one rounding) and empties the cell.  The base
+ * also reads the cell BEFORE its row group (an early ld.cv): if the delta is already there it
+ * finishes the row at once without the exchange; otherwise its exchange result is only looked
+ * at after the NEXT row group, so its latency hides under that group's loads.  Real values are
+ * canonicalised (NaN -> 0x7FFFFFFF), so the all-ones pattern cannot be mistaken for one. */
+constexpr uint32_t kCellEmpty = 0xFFFFFFFFu; /* cudaMemset(0xFF) */
+constexpr int kSelCap = DD_FUSED_SEL_CAP;     /* selected rows a DEC block holds (else fork/join) */
+
 struct DecArgs {
     const uint4 *rcodes;       /* device view of the pinned mapped residual */
     const __half *rscales;
-    const float *floors;
-    float *acc;                /* fp32 output accumulator, d_out, zero between calls */
-    int *count;                /* per 32-output tile: contributions so far, zero between calls */
-    int k_chunk, n_dec, n_slices, has_base, accumulate;
+    float *cell;               /* d_out meeting cells, kCellEmpty between calls */
+    int k_chunk, n_dec, has_base, accumulate;
+    unsigned short fh[DD_NUM_BUCKETS]; /* floors rounded up to fp16 (non-increasing) */
 };
+
+__device__ __forceinline__ float canon(float v) { return v == v ? v : __uint_as_float(0x7FFFFFFFu); }
+
+/* y[o] from both contributions (fp32 sum, one rounding). */
+__device__ __forceinline__ void meet_write(__half *y, int o, float base, float delta, int accumulate) {
+    const float s = base + delta;
+    y[o] = __float2half_rn(accumulate ? __half2float(y[o]) + s : s);
+}
+
+/* DEC's arrival at output o with its delta. */
+__device__ __forceinline__ void dec_arrive(const DecArgs &D, __half *y, int o, float delta) {
+    delta = canon(delta);
+    if (!D.has_base) {
+        y[o] = __float2half_rn(D.accumulate ? __half2float(y[o]) + delta : delta);
+        return;
+    }
+    const float other = atomicExch(D.cell + o, delta);
+    if (__float_as_uint(other) != kCellEmpty) {
+        meet_write(y, o, other, delta, D.accumulate);
+        D.cell[o] = __uint_as_float(kCellEmpty);
+    }
+}
 
 /* acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
 __device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float acc[32]) {
@@ -105,161 +138,128 @@ __device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float
     }
 }
 
-/* Output tile (32 outputs) `tile` got `n` more contributions (their fp32 adds to D.acc already
- * fenced).  Returns whether this caller completed it and must write y. */
-__device__ __forceinline__ bool tile_arrive(const DecArgs &D, int tile, int n, int expected) {
-    return atomicAdd(D.count + tile, n) + n == expected;
-}
-
-/* Write a completed tile: y (=|+=) acc, rounded once; leave acc and the counter zero. */
-__device__ __forceinline__ void tile_finish(const DecArgs &D, __half *y, int o) {
-    const float v = atomicExch(D.acc + o, 0.f);
-    y[o] = __float2half_rn(D.accumulate ? __half2float(y[o]) + v : v);
-}
-
 constexpr int kFetchBatch = 8; /* zero-copy loads in flight per thread */
 
+/* One DEC block: selection of ALL chunks (one warp per chunk, redundantly in every DEC block: x is
+ * a few KB in L2, and it saves a grid-wide step), then every selected row's slice of this
+ * block's output columns, read zero-copy (all kFetchBatch loads issued before any is used), an
+ * in-block reduction, and one arrival per output. */
 __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half *__restrict__ y,
                           int d_in, int d_out, unsigned char *smem_raw) {
     using namespace dd_dec;
-    SelectSmem &S = *reinterpret_cast<SelectSmem *>(smem_raw);
-    float *part = reinterpret_cast<float *>(smem_raw + sizeof(SelectSmem)); /* 9 x 256: 8 warps x 8 x 33 */
-    const int t = threadIdx.x;
-    const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
-    const int units = d_out / 32, expected = 32 * (n_chunks + D.has_base);
-    {   /* touch this block's first chunk of x while the floors load: both leave together */
-        const int c0 = (int)blockIdx.x / D.n_slices;
-        if (c0 < n_chunks && 4 * t < DD_CHUNK) {
-            const int j = c0 * DD_CHUNK + 4 * t;
-            if (j < d_in) asm volatile("prefetch.global.L2 [%0];" ::"l"(x + j));
-        }
+    int *sidx = reinterpret_cast<int *>(smem_raw);
+    float *part = reinterpret_cast<float *>(smem_raw + kSelCap * sizeof(int)); /* 9 x 256 floats */
+    __half2 *fh2 = reinterpret_cast<__half2 *>(part + 9 * kDecThreads);
+    const int t = threadIdx.x, warp = t >> 5;
+    {   /* constant indices only: a run-time index would copy the parameter struct to local memory */
+        unsigned short f = 0;
+#pragma unroll
+        for (int i = 0; i < DD_NUM_BUCKETS; i++)
+            if (t == i) f = D.fh[i];
+        if (t < DD_NUM_BUCKETS) fh2[t] = __halves2half2(__ushort_as_half(f), __ushort_as_half(f));
     }
-    load_floors(S, D.floors);
-    for (int item = blockIdx.x; item < n_chunks * D.n_slices; item += D.n_dec) {
-        const int c = item / D.n_slices, sl = item % D.n_slices;
-        const int u0 = (int)((long)units * sl / D.n_slices), u1 = (int)((long)units * (sl + 1) / D.n_slices);
-        const int U = u1 - u0;
+    __syncthreads();
+    const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
+    for (int c = warp; c < n_chunks; c += kDecWarps) {
         const int start = c * DD_CHUNK, quota = chunk_quota(d_in, c, D.k_chunk);
-        const int n = quota ? select_chunk(S, x, start, min(DD_CHUNK, d_in - start), quota) : 0;
-        /* G threads per column unit, over the rows; lanes over consecutive units of a row so each
-         * warp reads contiguous bytes of a row (full PCIe requests) */
-        int G = 1;
-        while (G < 32 && 2 * G * U <= kDecThreads && 2 * G <= n) G *= 2;
-        if (G == 1) {
-            /* block-uniform trip count: whole warps take part in the transposed flush below */
-            for (int ub = 0; ub < U; ub += kDecThreads) {
-                const int ul = ub + t, unit = u0 + ul;
-                const bool valid = ul < U;
-                float acc[32];
-#pragma unroll
-                for (int i = 0; i < 32; i++) acc[i] = 0.f;
-                for (int r0 = 0; valid && r0 < n; r0 += kFetchBatch) {
-                    uint4 v[kFetchBatch];
-                    float xv[kFetchBatch];
-#pragma unroll
-                    for (int k = 0; k < kFetchBatch; k++) {
-                        const int r = r0 + k;
-                        xv[k] = r < n ? S.xv[r] : 0.f;
-                        v[k] = r < n ? D.rcodes[(size_t)S.idx[r] * units + unit] : make_uint4(0u, 0u, 0u, 0u);
-                    }
-#pragma unroll
-                    for (int k = 0; k < kFetchBatch; k++)
-                        if (r0 + k < n) accumulate_codes(v[k], xv[k], acc);
-                }
-                if (n) {
-                    /* each lane holds 32 consecutive outputs of its own unit: transpose 8 at a
-                     * time through this warp's slice of shared memory so that every RED
-                     * instruction covers 4 units x 8 consecutive outputs (coalesced), not 32
-                     * lines */
-                    const int lane = t & 31;
-                    float *pw = part + (t >> 5) * (8 * 33);
-                    const int wunit0 = u0 + ub + (t & ~31);
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-#pragma unroll
-                        for (int k = 0; k < 8; k++) pw[k * 33 + lane] = acc[q * 8 + k];
-                        __syncwarp();
-#pragma unroll
-                        for (int j = 0; j < 8; j++) {
-                            const int id = j * 32 + lane, wl = id >> 3, k = id & 7;
-                            const int uu = wunit0 + wl;
-                            if (uu < u1) {
-                                const int out = uu * 32 + q * 8 + k;
-                                atomicAdd(D.acc + out, pw[k * 33 + wl] * __half2float(D.rscales[out]));
-                            }
-                        }
-                        __syncwarp();
-                    }
-                }
-            }
-        } else {
-            const int sub = t / U, ul = t % U, unit = u0 + ul;
-            const bool active = sub < G;
+        if (quota) warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2, sidx + c * D.k_chunk);
+    }
+    const int n = (n_chunks - 1) * D.k_chunk + chunk_quota(d_in, n_chunks - 1, D.k_chunk);
+    __syncthreads();
+    const int units = d_out / 32;
+    const int u0 = (int)((long)units * blockIdx.x / D.n_dec), u1 = (int)((long)units * (blockIdx.x + 1) / D.n_dec);
+    const int U = u1 - u0;
+    /* G threads per column unit, over the rows; lanes over consecutive units of a row so each
+     * warp reads contiguous bytes of a row */
+    int G = 1;
+    while (G < 32 && 2 * G * U <= kDecThreads && 2 * G <= n) G *= 2;
+    if (G == 1) {
+        for (int ub = 0; ub < U; ub += kDecThreads) {
+            const int ul = ub + t, unit = u0 + ul;
+            const bool valid = ul < U;
             float acc[32];
 #pragma unroll
             for (int i = 0; i < 32; i++) acc[i] = 0.f;
-            if (active) {
-                for (int r0 = sub; r0 < n; r0 += kFetchBatch * G) {
-                    uint4 v[kFetchBatch];
-                    float xv[kFetchBatch];
+            for (int r0 = 0; valid && r0 < n; r0 += kFetchBatch) {
+                uint4 v[kFetchBatch];
+                float xv[kFetchBatch];
 #pragma unroll
-                    for (int k = 0; k < kFetchBatch; k++) {
-                        const int r = r0 + k * G;
-                        xv[k] = r < n ? S.xv[r] : 0.f;
-                        v[k] = r < n ? D.rcodes[(size_t)S.idx[r] * units + unit] : make_uint4(0u, 0u, 0u, 0u);
+                for (int k = 0; k < kFetchBatch; k++) {
+                    const int row = r0 + k < n ? sidx[r0 + k] : -1;
+                    xv[k] = 0.f;
+                    v[k] = make_uint4(0u, 0u, 0u, 0u);
+                    if (row >= 0) {
+                        v[k] = D.rcodes[(size_t)row * units + unit];
+                        xv[k] = __half2float(x[row]);
                     }
-#pragma unroll
-                    for (int k = 0; k < kFetchBatch; k++)
-                        if (r0 + k * G < n) accumulate_codes(v[k], xv[k], acc);
                 }
+#pragma unroll
+                for (int k = 0; k < kFetchBatch; k++)
+                    if (xv[k] != 0.f) accumulate_codes(v[k], xv[k], acc);
             }
-            /* sum the G partials of each output through shared memory, 8 outputs a round */
+            /* each lane holds 32 consecutive outputs of its own unit: transpose 8 at a time through
+             * this warp's slice of shared memory so the arrivals of a warp are coalesced */
+            const int lane = t & 31;
+            float *pw = part + (t >> 5) * (8 * 33);
+            const int wunit0 = u0 + ub + (t & ~31);
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                if (active) {
 #pragma unroll
-                    for (int k = 0; k < 8; k++) part[(k * G + sub) * U + ul] = acc[q * 8 + k];
-                }
-                __syncthreads();
-                for (int o = t; o < 8 * U; o += kDecThreads) {
-                    const int k = o & 7, uu = o >> 3; /* 8 consecutive outputs per unit: coalesced */
-                    float sum = 0.f;
-                    for (int g = 0; g < G; g++) sum += part[(k * G + g) * U + uu];
-                    const int out = (u0 + uu) * 32 + q * 8 + k;
-                    atomicAdd(D.acc + out, sum * __half2float(D.rscales[out]));
-                }
-                __syncthreads();
-            }
-        }
-        /* this item's adds are done: its tiles arrive (one counter atomic per tile, in parallel),
-         * and the tiles it completed are written by the whole block, 256 at a time */
-        __threadfence();
-        int *fin = reinterpret_cast<int *>(part);
-        for (int ub = 0; ub < U; ub += kDecThreads) {
-            if (t == 0) S.n_sel = 0;
-            __syncthreads();
-            const int ul = ub + t;
-            if (ul < U && tile_arrive(D, u0 + ul, 32, expected)) fin[atomicAdd(&S.n_sel, 1)] = u0 + ul;
-            __syncthreads();
-            __threadfence();
-            const int n_fin = S.n_sel;
-            for (int i0 = t; i0 < n_fin * 32; i0 += 8 * kDecThreads) {
-                float v[8];
+                for (int k = 0; k < 8; k++) pw[k * 33 + lane] = acc[q * 8 + k];
+                __syncwarp();
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const int i = i0 + k * kDecThreads;
-                    v[k] = i < n_fin * 32 ? atomicExch(D.acc + fin[i >> 5] * 32 + (i & 31), 0.f) : 0.f;
-                }
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const int i = i0 + k * kDecThreads;
-                    if (i < n_fin * 32) {
-                        const int o = fin[i >> 5] * 32 + (i & 31);
-                        y[o] = __float2half_rn(D.accumulate ? __half2float(y[o]) + v[k] : v[k]);
+                for (int j = 0; j < 8; j++) {
+                    const int id = j * 32 + lane, wl = id >> 3, k = id & 7;
+                    const int uu = wunit0 + wl;
+                    if (uu < u1) {
+                        const int out = uu * 32 + q * 8 + k;
+                        dec_arrive(D, y, out, pw[k * 33 + wl] * __half2float(D.rscales[out]));
                     }
                 }
+                __syncwarp();
             }
-            if (t < n_fin) D.count[fin[t]] = 0;
+        }
+    } else {
+        const int sub = t / U, ul = t % U, unit = u0 + ul;
+        const bool active = sub < G;
+        float acc[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) acc[i] = 0.f;
+        if (active) {
+            for (int r0 = sub; r0 < n; r0 += kFetchBatch * G) {
+                uint4 v[kFetchBatch];
+                float xv[kFetchBatch];
+#pragma unroll
+                for (int k = 0; k < kFetchBatch; k++) {
+                    const int r = r0 + k * G;
+                    const int row = r < n ? sidx[r] : -1;
+                    xv[k] = 0.f;
+                    v[k] = make_uint4(0u, 0u, 0u, 0u);
+                    if (row >= 0) {
+                        v[k] = D.rcodes[(size_t)row * units + unit];
+                        xv[k] = __half2float(x[row]);
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < kFetchBatch; k++)
+                    if (xv[k] != 0.f) accumulate_codes(v[k], xv[k], acc);
+            }
+        }
+        /* sum the G partials of each output through shared memory, 8 outputs a round */
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            if (active) {
+#pragma unroll
+                for (int k = 0; k < 8; k++) part[(k * G + sub) * U + ul] = acc[q * 8 + k];
+            }
+            __syncthreads();
+            for (int o = t; o < 8 * U; o += kDecThreads) {
+                const int k = o & 7, uu = o >> 3; /* 8 consecutive outputs per unit: coalesced */
+                float sum = 0.f;
+                for (int g = 0; g < G; g++) sum += part[(k * G + g) * U + uu];
+                const int out = (u0 + uu) * 32 + q * 8 + k;
+                dec_arrive(D, y, out, sum * __half2float(D.rscales[out]));
+            }
             __syncthreads();
         }
     }
@@ -293,7 +293,7 @@ __device__ __forceinline__ void load_step(Step<BITS, ROWS> &st, const uint8_t *_
 
 /* Base GEMV blocks (and, with DEC, the DEC blocks 0..n_dec-1 of the same grid). */
 template <int BITS, int ROWS, bool DEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
                  const __half *__restrict__ zeros, const __half *__restrict__ x,
                  __half *__restrict__ y, int d_in, int d_in_pad, int d_out, int group_size,
@@ -393,11 +393,20 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     /* Each lane group owns ROWS rows at once: one staged-x read from shared memory serves ROWS
      * rows of weights.  The step after the current one (next unit, or the first unit of the
      * next row group) is always in flight while the current one is dequantised. */
+    /* DEC: this lane's exchange of the previous row group, looked at one group later */
+    float pend_base[ROWS], pend_other[ROWS];
+    int pend_row = -1;
+#pragma unroll
+    for (int k = 0; k < ROWS; k++) pend_base[k] = pend_other[k] = 0.f;
     for (; row0 < d_out; row0 += row_stride) {
         const int rbase = row0 + sub * ROWS;
-        float acc[ROWS];
+        float acc[ROWS], early[ROWS];
 #pragma unroll
         for (int k = 0; k < ROWS; k++) acc[k] = 0.f;
+        if (DEC && pl == 0 && rbase < d_out) { /* is DEC's delta there already? (L2, not L1) */
+#pragma unroll
+            for (int k = 0; k < ROWS; k++) early[k] = __ldcv(D.cell + rbase + k);
+        }
         if (rbase < d_out) { /* d_out % 32 == 0 and ROWS | 32: the whole group is in range */
             for (int u = pl; u < n_units; u += lanes_per_row) {
                 Step<BITS, ROWS> nxt;
@@ -452,33 +461,47 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
             }
         }
 #pragma unroll
-        for (int k = 0; k < ROWS; k++) {
-            float a = acc[k];
-            for (int off = lanes_per_row / 2; off; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-            if (pl == 0 && rbase < d_out) {
-                if (DEC) atomicAdd(D.acc + rbase + k, a);
-                else if (accumulate) atomicAdd(y + rbase + k, __float2half_rn(a));
-                else y[rbase + k] = __float2half_rn(a);
-            }
-        }
-        if (DEC) {
-            /* this warp's rows [row0, row0 + rows_step) arrive at their 32-output tiles */
-            __threadfence();
-            __syncwarp();
-            const int r_end = min(row0 + rows_step, d_out);
-            for (int tile = row0 / 32; tile * 32 < r_end; tile++) {
-                const int n = min(r_end, tile * 32 + 32) - max(row0, tile * 32);
-                int last = 0;
-                if (lane == 0) last = tile_arrive(D, tile, n, 32 * (((d_in + DD_CHUNK - 1) / DD_CHUNK) + 1));
-                last = __shfl_sync(0xffffffffu, last, 0);
-                if (last) {
-                    __threadfence();
-                    tile_finish(D, y, tile * 32 + lane);
-                    __syncwarp();
-                    if (lane == 0) D.count[tile] = 0;
+        for (int k = 0; k < ROWS; k++)
+            for (int off = lanes_per_row / 2; off; off >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+        if (pl == 0 && rbase < d_out) {
+            if (DEC) {
+                if (pend_row >= 0) {
+#pragma unroll
+                    for (int k = 0; k < ROWS; k++)
+                        if (__float_as_uint(pend_other[k]) != kCellEmpty) {
+                            meet_write(y, pend_row + k, pend_base[k], pend_other[k], accumulate);
+                            D.cell[pend_row + k] = __uint_as_float(kCellEmpty);
+                        }
+                }
+#pragma unroll
+                for (int k = 0; k < ROWS; k++) {
+                    const float a = canon(acc[k]);
+                    pend_base[k] = a;
+                    if (__float_as_uint(early[k]) != kCellEmpty) { /* DEC was first: finish now */
+                        meet_write(y, rbase + k, a, early[k], accumulate);
+                        D.cell[rbase + k] = __uint_as_float(kCellEmpty);
+                        pend_other[k] = __uint_as_float(kCellEmpty);
+                    } else {
+                        pend_other[k] = atomicExch(D.cell + rbase + k, a);
+                    }
+                }
+                pend_row = rbase;
+            } else {
+#pragma unroll
+                for (int k = 0; k < ROWS; k++) {
+                    if (accumulate) atomicAdd(y + rbase + k, __float2half_rn(acc[k]));
+                    else y[rbase + k] = __float2half_rn(acc[k]);
                 }
             }
         }
+    }
+    if (DEC && pend_row >= 0) {
+#pragma unroll
+        for (int k = 0; k < ROWS; k++)
+            if (__float_as_uint(pend_other[k]) != kCellEmpty) {
+                meet_write(y, pend_row + k, pend_base[k], pend_other[k], accumulate);
+                D.cell[pend_row + k] = __uint_as_float(kCellEmpty);
+            }
     }
 }
 
@@ -504,7 +527,8 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     const int d_in_pad = dd_d_in_pad(s);
     P->smem = staged_smem_bytes(s->bits, d_in_pad);
-    if (DEC) P->smem = std::max(P->smem, sizeof(dd_dec::SelectSmem) + 9 * dd_dec::kDecThreads * sizeof(float));
+    if (DEC) P->smem = std::max(P->smem, kSelCap * sizeof(int) + 9 * dd_dec::kDecThreads * sizeof(float) +
+                                              DD_NUM_BUCKETS * sizeof(__half2));
     if (P->smem > (size_t)smem_optin) return DD_ERR_UNSUPPORTED; /* d_in beyond ~48K on sm_86/89 */
     const int n_units = d_in_pad / (s->bits == 4 ? 32 : 64);
     int lanes = 32;
@@ -560,10 +584,9 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     int n_sm = 0, smem_optin = 0;
     dd_status st;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
-    const int n_chunks = dd_num_chunks(s->d_in), units = s->d_out / 32;
-    int n_dec = dec->n_tb < 1 ? 1 : dec->n_tb;
-    const int n_slices = std::min(units, std::max(1, n_dec / n_chunks));
-    n_dec = std::min(n_dec, n_chunks * n_slices);
+    const int units = s->d_out / 32;
+    if (dd_total_quota(s->d_in, dec->k_chunk) > kSelCap || dec->k_chunk < 1) return DD_ERR_UNSUPPORTED;
+    const int n_dec = std::min(units, dec->n_tb < 1 ? 1 : dec->n_tb); /* disjoint column slices */
     int base_sm = dec->base_sm > 0 && dec->base_sm <= n_sm ? dec->base_sm : std::max(1, n_sm - n_dec);
     BasePlan P;
     if ((st = plan_base<true>(s, base_sm, &P)) != DD_OK) return st;
@@ -575,14 +598,12 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     DecArgs D;
     D.rcodes = reinterpret_cast<const uint4 *>(dec->rcodes);
     D.rscales = reinterpret_cast<const __half *>(dec->rscales);
-    D.floors = dec->floors;
-    D.acc = dec->acc;
-    D.count = dec->count;
+    D.cell = dec->cell;
     D.k_chunk = dec->k_chunk;
     D.n_dec = n_dec;
-    D.n_slices = n_slices;
     D.has_base = dec->with_base ? 1 : 0;
     D.accumulate = accumulate;
+    for (int i = 0; i < DD_NUM_BUCKETS; i++) D.fh[i] = dec->floors_half[i];
     P.kernel<<<(unsigned)(blocks + n_dec), kThreads, P.smem, (cudaStream_t)stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales),
         reinterpret_cast<const __half *>(d_zeros), reinterpret_cast<const __half *>(d_x),

@@ -22,17 +22,24 @@ dd_status dd_cuda_fail(cudaError_t err, const char *what, const char *file, int 
 /* Multiprocessor count and dynamic shared-memory limit of the current device (cached). */
 dd_status dd_cuda_device_limits(int *n_sm, int *max_smem_optin);
 
-/* DEC half of the one-launch layer kernel (dd_cuda_gemv.cu). */
+/* Selected rows one DEC block holds in shared memory; a larger layer total runs fork/join. */
+#define DD_FUSED_SEL_CAP 4096
+
+/* DEC half of the one-launch layer kernel (dd_cuda_gemv.cu, v5). */
 typedef struct {
     const uint8_t *rcodes;     /* device view of the pinned mapped residual */
     const uint16_t *rscales;
-    const float *floors;
-    float *acc;                /* d_out fp32, zero between calls (the kernel leaves it so) */
-    int *count;                /* d_out / 32 tile counters, likewise */
+    float *cell;               /* d_out meeting cells, all-ones between calls (the kernel leaves them so) */
+    uint16_t floors_half[DD_NUM_BUCKETS]; /* bucket floors rounded UP to fp16, non-increasing */
     int k_chunk, n_tb;
     int base_sm;               /* SMs the base grid is sized for; 0 = SMs - n_tb */
     int with_base;
 } dd_fused_dec;
+/* DD_ERR_UNSUPPORTED when the selection exceeds what a DEC block holds (the caller falls back). */
+/* Layer selection with the v5 warp-per-chunk code of the fused kernel (dd_cuda_dec.cu); d_idx gets
+ * dd_total_quota slots, -1 padded per chunk. */
+dd_status dd_cuda_select_fused(int32_t d_in, const uint16_t *d_x, const uint16_t *floors_half,
+                               int32_t k_chunk, int32_t *d_idx, void *stream);
 dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
                                const uint16_t *d_zeros, const dd_fused_dec *dec, const uint16_t *d_x,
                                uint16_t *d_y, int accumulate, void *stream);
@@ -45,8 +52,9 @@ struct dd_cuda_layer {
     int32_t k_chunk, k_total, n_tb;
     int serial;                /* DD_PATH_* below */
     int base_sm;               /* fused path: SMs the base grid is sized for (0 = SMs - n_tb) */
-    float *d_acc;              /* fused path: fp32 accumulator (d_out) and tile counters */
-    int *d_count;
+    float *d_cell;             /* fused path: d_out meeting cells (all-ones between calls) */
+    uint16_t floors_half[DD_NUM_BUCKETS]; /* current floors rounded up to fp16 */
+    int fused_ok;              /* floors non-increasing and k_total within a DEC block's capacity */
     uint8_t *d_qweight;
     uint16_t *d_scales, *d_zeros, *d_rscales;
     float *d_floors, *d_xsel;

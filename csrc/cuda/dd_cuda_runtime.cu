@@ -161,7 +161,7 @@ extern "C" dd_status dd_cuda_layer_destroy(dd_cuda_layer *L) {
     dd_status st = DD_OK;
     if (cudaGetDevice(&prev) == cudaSuccess && prev != L->device) cudaSetDevice(L->device);
     void *bufs[] = {L->d_qweight, L->d_scales, L->d_zeros, L->d_rscales,
-                    L->d_floors, L->d_xsel, L->d_idx, L->d_acc, L->d_count};
+                    L->d_floors, L->d_xsel, L->d_idx, L->d_cell};
     for (void *p : bufs)
         if (p && cudaFree(p) != cudaSuccess) st = dd_cuda_fail(cudaGetLastError(), "cudaFree", __FILE__, __LINE__);
     if (L->side) cudaStreamDestroy(L->side);
@@ -210,11 +210,9 @@ extern "C" dd_status dd_cuda_layer_create(const dd_shape *s, const uint8_t *h_qw
         TRYCU(cudaMalloc((void **)&L->d_floors, DD_NUM_BUCKETS * sizeof(float)));
         TRYCU(cudaMalloc((void **)&L->d_idx, (size_t)s->d_in * sizeof(int32_t)));
         TRYCU(cudaMalloc((void **)&L->d_xsel, (size_t)s->d_in * sizeof(float)));
-        /* the fused kernel leaves both zero after every call; they start zero here */
-        TRYCU(cudaMalloc((void **)&L->d_acc, (size_t)s->d_out * sizeof(float)));
-        TRYCU(cudaMalloc((void **)&L->d_count, (size_t)(s->d_out / 32) * sizeof(int)));
-        TRYCU(cudaMemset(L->d_acc, 0, (size_t)s->d_out * sizeof(float)));
-        TRYCU(cudaMemset(L->d_count, 0, (size_t)(s->d_out / 32) * sizeof(int)));
+        /* meeting cells: all-ones ("empty") between calls; every fused call leaves them so */
+        TRYCU(cudaMalloc((void **)&L->d_cell, (size_t)s->d_out * sizeof(float)));
+        TRYCU(cudaMemset(L->d_cell, 0xFF, (size_t)s->d_out * sizeof(float)));
         TRYCU(cudaDeviceSynchronize());
         void *dev = NULL;
         TRYCU(cudaHostGetDevicePointer(&dev, const_cast<uint8_t *>(h_rcodes_pinned), 0));
@@ -233,6 +231,15 @@ fail:
 }
 
 extern "C" int dd_cuda_layer_device(const dd_cuda_layer *L) { return L ? L->device : -1; }
+
+/* The smallest fp16 value >= f (f >= 0 finite; +Inf above 65504): for an fp16 |x|,
+ * |x| >= f  <=>  |x| >= ceil_half(f), so the device compares halves, exactly. */
+static uint16_t ceil_half(float f) {
+    if (!(f > 0.f)) return 0; /* every non-NaN |x| >= 0 >= f */
+    uint16_t h = dd_float_to_half(f);
+    if (dd_half_to_float(h) < f) h = (uint16_t)(h + 1); /* positive halves: next value up (0x7BFF -> Inf) */
+    return h;
+}
 
 static dd_status use_device(const dd_cuda_layer *L, int *prev) {
     DD_CK(cudaGetDevice(prev));
@@ -256,6 +263,12 @@ extern "C" dd_status dd_cuda_layer_set_k_chunk(dd_cuda_layer *L, int32_t k_chunk
         cudaError_t e = cudaMemcpy(L->d_floors, floors, sizeof floors, cudaMemcpyHostToDevice);
         restore_device(L, prev);
         if (e != cudaSuccess) return dd_cuda_fail(e, "cudaMemcpy(floors)", __FILE__, __LINE__);
+        /* the fused kernel's warp selection needs non-increasing floors (always so for valid,
+         * non-increasing thresholds) and the whole selection in one block's shared memory */
+        int monotone = 1;
+        for (int i = 0; i + 1 < DD_NUM_BUCKETS; i++) monotone &= floors[i] >= floors[i + 1];
+        for (int i = 0; i < DD_NUM_BUCKETS; i++) L->floors_half[i] = ceil_half(floors[i]);
+        L->fused_ok = monotone && k_total <= DD_FUSED_SEL_CAP;
     }
     L->k_chunk = k_chunk;
     L->k_total = k_total;
@@ -304,13 +317,12 @@ static dd_status forward_token(dd_cuda_layer *L, const uint16_t *x, uint16_t *y,
     if (L->k_total == 0)
         return dd_cuda_gemv_base(s, L->d_qweight, L->d_scales, L->d_zeros, x, y, accumulate, 0,
                                  stream);
-    if (L->serial == DD_PATH_FORKJOIN) return forward_token_forkjoin(L, x, y, accumulate, stream);
+    if (L->serial == DD_PATH_FORKJOIN || !L->fused_ok) return forward_token_forkjoin(L, x, y, accumulate, stream);
     dd_fused_dec dec;
     dec.rcodes = L->rcodes_dev;
     dec.rscales = L->d_rscales;
-    dec.floors = L->d_floors;
-    dec.acc = L->d_acc;
-    dec.count = L->d_count;
+    memcpy(dec.floors_half, L->floors_half, sizeof dec.floors_half);
+    dec.cell = L->d_cell;
     dec.k_chunk = L->k_chunk;
     dec.n_tb = L->n_tb;
     dec.base_sm = L->base_sm;
@@ -347,8 +359,10 @@ extern "C" dd_status dd_cuda_layer_select(dd_cuda_layer *L, const uint16_t *d_x,
     int prev = -1;
     dd_status st = use_device(L, &prev);
     if (st != DD_OK) return st;
-    st = dd_cuda_select(L->shape.d_in, d_x, L->d_floors, L->k_chunk, L->d_idx, L->d_xsel, 0,
-                        stream);
+    /* the code the layer call runs: the fused kernel's warp selection when it applies */
+    st = L->fused_ok ? dd_cuda_select_fused(L->shape.d_in, d_x, L->floors_half, L->k_chunk, L->d_idx, stream)
+                     : dd_cuda_select(L->shape.d_in, d_x, L->d_floors, L->k_chunk, L->d_idx, L->d_xsel, 0,
+                                      stream);
     if (st == DD_OK) {
         cudaError_t e = cudaMemcpyAsync(h_idx, L->d_idx, sizeof(int32_t) * (size_t)L->k_total,
                                         cudaMemcpyDeviceToHost, (cudaStream_t)stream);

@@ -104,7 +104,7 @@ static void test_layer(int d_in, int d_out, int bits, int gs) {
     const int kcs[] = {0, 1, 8, 13, 64, 1024};
     for (int kc : kcs) {
         OK(dd_cuda_layer_set_k_chunk(G, kc));
-        for (int serial = 0; serial < 2; serial++) {
+        for (int serial = 0; serial < 3; serial++) { /* fused, serial, fork/join */
             OK(dd_cuda_layer_set_serial(G, serial));
             for (int n_tb : {1, 16}) {
                 OK(dd_cuda_layer_set_n_tb(G, n_tb));
@@ -332,44 +332,38 @@ static int run_probe() {
 static int run_parts(int quick) {
     char name[256];
     OK(dd_cuda_device_name(0, name, sizeof name));
-    printf("parts on %s\n", name);
-    struct { int d_in, d_out; } shapes[] = {{4096, 4096}, {4096, 14336}, {14336, 4096}, {8192, 28672}};
+    printf("parts on %s (v5 fused: warp selection, column-sliced DEC blocks, per-output meeting cells)\n", name);
+    struct { int d_in, d_out, bits; } shapes[] = {{4096, 4096, 3}, {4096, 14336, 3}, {14336, 4096, 3}, {8192, 28672, 3}, {8192, 28672, 4}, {4096, 14336, 4}};
     for (auto &sh : shapes) {
-        for (int bits : {3, 4}) {
-            if (quick && bits == 4 && sh.d_in == 4096 && sh.d_out == 4096) continue;
-            dd_shape s = {sh.d_in, sh.d_out, bits, 128};
-            dd_cuda_bench *b;
-            OK(dd_cuda_bench_create(&s, 0, 7, &b));
-            size_t bytes; int copies, n_sm;
-            OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
-            const int iters = std::max(20, std::min(copies, 400)), reps = 7;
-            double t_read, t_base, t_empty;
-            OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, reps, &t_read));
-            OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, reps, &t_base));
-            OK(dd_cuda_bench_run(b, DD_BENCH_EMPTY, 0, 0, iters, reps, &t_empty));
-            printf("%5d->%-5d %db: read %.2f us, base %.2f us (%.1f%% of read), empty kernel %.2f us\n", sh.d_in,
-                   sh.d_out, bits, t_read, t_base, 100 * t_read / t_base, t_empty);
-            for (int ntb : {8, 16, 32}) {
-                double t_res, dec1, dec8, leg8, f[4], full8, fj8, fj1;
-                const int kc[4] = {1, 8, 12, 16};
-                OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, ntb, iters, reps, &t_res));
-                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 1, ntb, iters, reps, &dec1));
-                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 8, ntb, iters, reps, &dec8));
-                OK(dd_cuda_bench_run(b, DD_BENCH_DEC_LEGACY, 8, ntb, iters, reps, &leg8));
-                for (int i = 0; i < 4; i++) OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, kc[i], ntb, iters, reps, &f[i]));
-                OK(dd_cuda_bench_run(b, DD_BENCH_FUSED_FULL, 8, ntb, iters, reps, &full8));
-                OK(dd_cuda_bench_run(b, DD_BENCH_FORKJOIN, 8, ntb, iters, reps, &fj8));
-                OK(dd_cuda_bench_run(b, DD_BENCH_FORKJOIN, 1, ntb, iters, reps, &fj1));
-                printf("   n_tb %2d: base reserved %+5.1f%% | dec-only k1 %.2f k8 %.2f (legacy 2-kernel k8 %.2f) us | "
-                       "fused k1 %+5.1f%% k8 %+5.1f%% k12 %+5.1f%% k16 %+5.1f%% | fused full-grid k8 %+5.1f%% | "
-                       "old fork/join k1 %+5.1f%% k8 %+5.1f%%\n",
-                       ntb, 100 * (t_res / t_base - 1), dec1, dec8, leg8, 100 * (f[0] / t_base - 1),
-                       100 * (f[1] / t_base - 1), 100 * (f[2] / t_base - 1), 100 * (f[3] / t_base - 1),
-                       100 * (full8 / t_base - 1), 100 * (fj8 / t_base - 1), 100 * (fj1 / t_base - 1));
-            }
-            fflush(stdout);
-            OK(dd_cuda_bench_destroy(b));
+        if (quick && sh.bits == 4) continue;
+        dd_shape s = {sh.d_in, sh.d_out, sh.bits, 128};
+        dd_cuda_bench *b;
+        OK(dd_cuda_bench_create(&s, 0, 7, &b));
+        size_t bytes; int copies, n_sm;
+        OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
+        const int iters = std::max(20, std::min(copies, 400)), reps = 9;
+        double t_read, t_base, t_base2, t_empty;
+        OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, reps, &t_read));
+        OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, reps, &t_base));
+        OK(dd_cuda_bench_run(b, DD_BENCH_EMPTY, 0, 0, iters, reps, &t_empty));
+        OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, reps, &t_base2));
+        printf("%5d->%-5d %db: read %.2f us, base %.2f us (again %.2f; %.1f%% of read), empty kernel %.2f us\n", sh.d_in,
+               sh.d_out, sh.bits, t_read, t_base, t_base2, 100 * t_read / t_base, t_empty);
+        for (int ntb : {8, 16, 32}) {
+            double t_res, dec1, dec8, f[5], fj8;
+            const int kc[5] = {1, 4, 8, 12, 16};
+            OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, ntb, iters, reps, &t_res));
+            OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 1, ntb, iters, reps, &dec1));
+            OK(dd_cuda_bench_run(b, DD_BENCH_DEC_ONLY, 8, ntb, iters, reps, &dec8));
+            for (int i = 0; i < 5; i++) OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, kc[i], ntb, iters, reps, &f[i]));
+            OK(dd_cuda_bench_run(b, DD_BENCH_FORKJOIN, 8, ntb, iters, reps, &fj8));
+            printf("   n_tb %2d: base reserved %+5.1f%% | dec-only k1 %.2f k8 %.2f us | fused k1 %+5.1f%% k4 %+5.1f%% "
+                   "k8 %+5.1f%% k12 %+5.1f%% k16 %+5.1f%% | fork/join k8 %+5.1f%%\n",
+                   ntb, 100 * (t_res / t_base - 1), dec1, dec8, 100 * (f[0] / t_base - 1), 100 * (f[1] / t_base - 1),
+                   100 * (f[2] / t_base - 1), 100 * (f[3] / t_base - 1), 100 * (f[4] / t_base - 1), 100 * (fj8 / t_base - 1));
         }
+        fflush(stdout);
+        OK(dd_cuda_bench_destroy(b));
     }
     return 0;
 }
