@@ -199,10 +199,13 @@ __device__ __forceinline__ void warp_select_chunk(const __half *__restrict__ x, 
     while (lo < hi) {
         const int mid = (lo + hi) >> 1;
         const __half2 f = fh2[mid];
-        __half2 c = __float2half2_rn(0.f);
+        __half2 c[4]; /* four independent sums: the adds do not wait on each other */
 #pragma unroll
-        for (int e = 0; e < 16; e++) c = __hadd2(c, __hge2(v[e], f)); /* 1.0 per hit, <= 16: exact */
-        const int mine = (int)(__low2float(c) + __high2float(c));
+        for (int q = 0; q < 4; q++) c[q] = __float2half2_rn(0.f);
+#pragma unroll
+        for (int e = 0; e < 16; e++) c[e & 3] = __hadd2(c[e & 3], __hge2(v[e], f)); /* 1.0 per hit: exact */
+        const __half2 cs = __hadd2(__hadd2(c[0], c[1]), __hadd2(c[2], c[3])); /* <= 16 per half */
+        const int mine = (int)(__low2float(cs) + __high2float(cs));
         const int cnt = __reduce_add_sync(0xffffffffu, mine);
         if (cnt > quota) hi = mid;
         else { lo = mid + 1; taken = cnt; }
