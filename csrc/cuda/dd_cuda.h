@@ -80,8 +80,10 @@ dd_status dd_cuda_layer_destroy(dd_cuda_layer *layer);
 dd_status dd_cuda_layer_set_k_chunk(dd_cuda_layer *layer, int32_t k_chunk);
 /* n_tb: thread blocks for DEC (1..SMs/2 are sensible; default 16). */
 dd_status dd_cuda_layer_set_n_tb(dd_cuda_layer *layer, int32_t n_tb);
-/* 0 (default): one kernel launch per token: DEC thread blocks (selection + zero-copy fetch) and
- *    the base GEMV's blocks in the same grid, meeting in an fp32 accumulator (graph-capturable);
+/* 0 (default): one kernel launch per token: DEC thread blocks (selection + zero-copy fetch, each
+ *    owning a slice of the output columns) and the base GEMV's blocks in the same grid, meeting per
+ *    output in an fp32 exchange cell (graph-capturable); falls back to 2 when the floors are not
+ *    non-increasing or more than 4096 rows are selected;
  * 1: DEC alone, then the base GEMV, serialised on `stream` (for measurement);
  * 2: the earlier fork/join path (memset, select and fetch kernels on a second stream beside the
  *    base GEMV; for measurement).
