@@ -125,6 +125,10 @@ dd_status dd_cuda_bench_run(dd_cuda_bench *b, int mode, int32_t k_chunk, int32_t
 /* bytes one call must move (qweight + scales + zeros), copies held, multiprocessors */
 dd_status dd_cuda_bench_info(const dd_cuda_bench *b, size_t *layer_bytes, int *n_copies, int *n_sm);
 dd_status dd_cuda_bench_destroy(dd_cuda_bench *b);
+/* Base GEMV variant for measurement (process-wide; 0/-1 restore the defaults): rows per lane
+ * group (1, 2, 4; 0 = automatic), grid rule (0 = one block per resident slot, 1 = whole waves of
+ * row groups, -1 = default). */
+void dd_cuda_bench_set_base_variant(int rows, int grid);
 /* Bandwidth probes: HBM streaming read of `bytes` (GB/s), zero-copy read of pinned mapped host
  * memory by 2*zero_copy_blocks x 256 threads (GB/s), cudaMemcpy host->device from pinned memory (GB/s). */
 dd_status dd_cuda_bench_bandwidth(size_t bytes, int zero_copy_blocks, double *hbm_gbs,

@@ -33,15 +33,36 @@ __device__ __forceinline__ __half2 as_h2(uint32_t v) {
     return h;
 }
 
+/* One LOP3 each (LUT = f(0xF0, 0xCC, 0xAA) over the three operands): (a & b) | c = 0xEA,
+ * (a & m) | (b & ~m) = 0xCA, (a | b) & m = 0xA8.  Written as PTX because nvcc otherwise splits
+ * "(w & mask) | 0x64006400" into two LOP3s (one immediate per LOP3), which cost 2 instructions
+ * per weight pair instead of 1 (SASS of v5: 4.0 instructions per 3-bit weight, 2.1 per 4-bit). */
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); /* (a & b) | c */
+    return d;
+}
+__device__ __forceinline__ uint32_t bit_select(uint32_t m, uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xCA;" : "=r"(d) : "r"(m), "r"(a), "r"(b)); /* (a & m) | (b & ~m) */
+    return d;
+}
+__device__ __forceinline__ uint32_t or_and(uint32_t a, uint32_t b, uint32_t m) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xA8;" : "=r"(d) : "r"(a), "r"(b), "r"(m)); /* (a | b) & m */
+    return d;
+}
+
 /* 8 codes in nibbles (element k in bits 4k..4k+3) against their 4 staged half2 activations:
- * slots (0,4)/1, (1,5)/16, (2,6)/1, (3,7)/16. */
+ * slots (0,4)/1, (1,5)/16, (2,6)/1, (3,7)/16.  `magic` is 0x64006400 held in a register so each
+ * pair is ONE LOP3 (mask | magic), one HSUB2 and one HFMA2. */
 __device__ __forceinline__ __half2 nibble_word_dot(uint32_t w, const uint4 &xs, __half2 acc,
-                                                   __half2 bias_lo, __half2 bias_hi) {
+                                                   __half2 bias_lo, __half2 bias_hi, uint32_t magic) {
     const uint32_t w2 = w >> 8;
-    const __half2 r0 = __hsub2(as_h2((w & 0x000F000Fu) | kMagic), bias_lo);
-    const __half2 r1 = __hsub2(as_h2((w & 0x00F000F0u) | kMagic), bias_hi);
-    const __half2 r2 = __hsub2(as_h2((w2 & 0x000F000Fu) | kMagic), bias_lo);
-    const __half2 r3 = __hsub2(as_h2((w2 & 0x00F000F0u) | kMagic), bias_hi);
+    const __half2 r0 = __hsub2(as_h2(and_or(w, 0x000F000Fu, magic)), bias_lo);
+    const __half2 r1 = __hsub2(as_h2(and_or(w, 0x00F000F0u, magic)), bias_hi);
+    const __half2 r2 = __hsub2(as_h2(and_or(w2, 0x000F000Fu, magic)), bias_lo);
+    const __half2 r3 = __hsub2(as_h2(and_or(w2, 0x00F000F0u, magic)), bias_hi);
     acc = __hfma2(r0, as_h2(xs.x), acc);
     acc = __hfma2(r1, as_h2(xs.y), acc);
     acc = __hfma2(r2, as_h2(xs.z), acc);
@@ -49,12 +70,13 @@ __device__ __forceinline__ __half2 nibble_word_dot(uint32_t w, const uint4 &xs, 
     return acc;
 }
 
-/* Bits 0..15 of `h16sel`'s chosen half spread to the even bit positions (element m -> bit 2m). */
+/* Bits 0..15 of `hiword`'s chosen half spread to the even bit positions (element m -> bit 2m):
+ * one PRMT, then three (shift, LOP3) levels. */
 __device__ __forceinline__ uint32_t spread16(uint32_t hiword, uint32_t selector) {
     uint32_t t = __byte_perm(hiword, 0u, selector); /* byte0 -> byte0, byte1 -> byte2 */
-    t = (t | (t << 4)) & 0x0F0F0F0Fu;
-    t = (t | (t << 2)) & 0x33333333u;
-    t = (t | (t << 1)) & 0x55555555u;
+    t = or_and(t, t << 4, 0x0F0F0F0Fu);
+    t = or_and(t, t << 2, 0x33333333u);
+    t = or_and(t, t << 1, 0x55555555u);
     return t;
 }
 
@@ -277,9 +299,9 @@ template <int BITS, int ROWS>
 __device__ __forceinline__ void load_step(Step<BITS, ROWS> &st, const uint8_t *__restrict__ qweight,
                                           const __half *__restrict__ scales,
                                           const __half *__restrict__ zeros, int rbase, int u,
-                                          size_t row_bytes, int d_in_pad, int n_groups, int group_size) {
+                                          size_t row_bytes, int d_in_pad, int n_groups, int group_shift) {
     constexpr int kUnitElems = BITS == 4 ? 32 : 64;
-    const int g = u * kUnitElems / group_size;
+    const int g = (u * kUnitElems) >> group_shift; /* group_size is 64 or 128: no division */
 #pragma unroll
     for (int k = 0; k < ROWS; k++) {
         const uint8_t *row = qweight + (size_t)(rbase + k) * row_bytes;
@@ -315,6 +337,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
 
     const int n_units = d_in_pad / kUnitElems;
     const int n_groups = d_in_pad / group_size;
+    const int group_shift = group_size == 128 ? 7 : 6;
     const size_t row_bytes = (size_t)d_in_pad * BITS / 8;
     const int rows_per_warp = 32 / lanes_per_row;
     const int sub = lane / lanes_per_row, pl = lane % lanes_per_row;
@@ -328,7 +351,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     Step<BITS, ROWS> cur;
     if (row0 + sub * ROWS < d_out && pl < n_units)
         load_step<BITS, ROWS>(cur, qweight, scales, zeros, row0 + sub * ROWS, pl, row_bytes, d_in_pad,
-                              n_groups, group_size);
+                              n_groups, group_shift);
 
     /* ---- stage x.  Phase A: raw copy, many 16-byte loads in flight; phase B: every thread owns
      * 8 inputs (one 16-byte vector): segment max / unit sums by shuffles over the 8 (4-bit: 4)
@@ -389,6 +412,8 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     const __half2 bias_lo = __float2half2_rn(1024.f + centre);
     const __half2 bias_hi = __float2half2_rn(1024.f + 16.f * centre);
     const uint4 *xs4 = smem_u4 + d_in_pad / 8;
+    uint32_t magic = kMagic; /* a register operand of the LOP3s (asm keeps it one) */
+    asm volatile("" : "+r"(magic));
 
     /* Each lane group owns ROWS rows at once: one staged-x read from shared memory serves ROWS
      * rows of weights.  The step after the current one (next unit, or the first unit of the
@@ -415,7 +440,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                     if (nu >= n_units) { nu = pl; nr = rbase + row_stride; }
                     if (nr < d_out)
                         load_step<BITS, ROWS>(nxt, qweight, scales, zeros, nr, nu, row_bytes, d_in_pad,
-                                              n_groups, group_size);
+                                              n_groups, group_shift);
                 }
                 const int seg = BITS == 4 ? (u >> 1) : u;
                 const float unscale = seg_unscale[seg], xsum = unit_sum[u];
@@ -428,10 +453,10 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                     for (int v = 0; v < 4; v++) xv[v] = xs4[v * n_units + u];
 #pragma unroll
                     for (int k = 0; k < ROWS; k++) {
-                        p[k] = nibble_word_dot(cur.lo[k].x, xv[0], p[k], bias_lo, bias_hi);
-                        p[k] = nibble_word_dot(cur.lo[k].y, xv[1], p[k], bias_lo, bias_hi);
-                        p[k] = nibble_word_dot(cur.lo[k].z, xv[2], p[k], bias_lo, bias_hi);
-                        p[k] = nibble_word_dot(cur.lo[k].w, xv[3], p[k], bias_lo, bias_hi);
+                        p[k] = nibble_word_dot(cur.lo[k].x, xv[0], p[k], bias_lo, bias_hi, magic);
+                        p[k] = nibble_word_dot(cur.lo[k].y, xv[1], p[k], bias_lo, bias_hi, magic);
+                        p[k] = nibble_word_dot(cur.lo[k].z, xv[2], p[k], bias_lo, bias_hi, magic);
+                        p[k] = nibble_word_dot(cur.lo[k].w, xv[3], p[k], bias_lo, bias_hi, magic);
                     }
                 } else {
 #pragma unroll
@@ -444,10 +469,10 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                             const uint32_t hw = w < 2 ? cur.hi[k].x : cur.hi[k].y;
                             const uint32_t sp = spread16(hw, (w & 1) ? 0x4342u : 0x4140u);
                             /* nibble words: even elements (lo bits | hi bit at +2), odd ones */
-                            const uint32_t ce = (low & 0x33333333u) | ((sp << 2) & 0xCCCCCCCCu);
-                            const uint32_t co = ((low >> 2) & 0x33333333u) | (sp & 0xCCCCCCCCu);
-                            p[k] = nibble_word_dot(ce, xe, p[k], bias_lo, bias_hi);
-                            p[k] = nibble_word_dot(co, xo, p[k], bias_lo, bias_hi);
+                            const uint32_t ce = bit_select(0x33333333u, low, sp << 2);
+                            const uint32_t co = bit_select(0x33333333u, low >> 2, sp);
+                            p[k] = nibble_word_dot(ce, xe, p[k], bias_lo, bias_hi, magic);
+                            p[k] = nibble_word_dot(co, xo, p[k], bias_lo, bias_hi, magic);
                         }
                     }
                 }
@@ -520,6 +545,10 @@ struct BasePlan {
     int lanes, rows_per_block, per_sm;
 };
 
+/* Benchmark-only overrides (dd_cuda_bench_set_base_variant): rows per lane group (0 = the rule
+ * below) and the grid rule (0 = fill every usable SM, 1 = whole waves of row groups). */
+int g_rows_override = 0, g_grid_override = -1;
+
 template <bool DEC>
 dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     int n_sm = 0, smem_optin = 0;
@@ -534,9 +563,15 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     int lanes = 32;
     while (lanes > 1 && lanes / 2 >= n_units) lanes /= 2;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
-    /* rows per lane group: as many as keep >= 12 warps per usable SM busy */
-    int rows = 4;
-    while (rows > 1 && (long)s->d_out / rows * lanes / 32 < 12L * n_sm_free) rows /= 2;
+    /* rows per lane group (measured, H100, docs/KERNELS.md v6): the plain GEMV at most 2 (more row
+     * groups than warps by several waves: a short tail; rows 4 was 5-10% slower on 4096x14336 and
+     * 8192x28672), as many as keep >= 12 warps per SM busy; the one-launch layer kernel 4 while
+     * >= 4 warps per SM stay busy (fewer row groups, each warp's meeting work amortised: rows 2
+     * cost +10..44% more beside DEC on 14336x4096 and 8192x28672). */
+    int rows = DEC ? 4 : 2;
+    const long min_warps = (DEC ? 4L : 12L) * n_sm_free;
+    while (rows > 1 && (long)s->d_out / rows * lanes / 32 < min_warps) rows /= 2;
+    if (g_rows_override == 1 || g_rows_override == 2 || g_rows_override == 4) rows = g_rows_override;
     P->lanes = lanes;
     P->rows_per_block = kWarps * (32 / lanes) * rows;
     if (s->bits == 4) P->kernel = rows == 4 ? gemv_base_kernel<4, 4, DEC> : rows == 2 ? gemv_base_kernel<4, 2, DEC> : gemv_base_kernel<4, 1, DEC>;
@@ -549,7 +584,23 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     return DD_OK;
 }
 
+/* Blocks for `needed` blocks' worth of row groups on at most `cap` resident blocks.  Rule 1:
+ * whole waves -- as few blocks as give every warp the same number of row groups (+-1 block). */
+long base_blocks(long needed, long cap) {
+    if (needed <= cap) return needed;
+    if (g_grid_override == 1) {
+        const long waves = (needed + cap - 1) / cap;
+        return (needed + waves - 1) / waves;
+    }
+    return cap;
+}
+
 } // namespace
+
+extern "C" void dd_cuda_bench_set_base_variant(int rows, int grid) {
+    g_rows_override = rows;
+    g_grid_override = grid;
+}
 
 extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweight,
                                        const uint16_t *d_scales, const uint16_t *d_zeros,
@@ -563,8 +614,8 @@ extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweig
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     BasePlan P;
     if ((st = plan_base<false>(s, n_sm_free, &P)) != DD_OK) return st;
-    long blocks = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
-    if (blocks > (long)n_sm_free * P.per_sm) blocks = (long)n_sm_free * P.per_sm;
+    const long blocks = base_blocks(((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block,
+                                    (long)n_sm_free * P.per_sm);
     DecArgs none = {};
     P.kernel<<<(unsigned)blocks, kThreads, P.smem, (cudaStream_t)stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales),
@@ -592,8 +643,8 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     if ((st = plan_base<true>(s, base_sm, &P)) != DD_OK) return st;
     long blocks = 0;
     if (dec->with_base) {
-        blocks = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
-        if (blocks > (long)base_sm * P.per_sm) blocks = (long)base_sm * P.per_sm;
+        blocks = base_blocks(((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block,
+                             (long)base_sm * P.per_sm);
     }
     DecArgs D;
     D.rcodes = reinterpret_cast<const uint4 *>(dec->rcodes);

@@ -319,6 +319,49 @@ static int run_bench(int quick) {
     return 0;
 }
 
+/* Base GEMV variants side by side (and DEC k8 beside each): rows 0 (auto) / 1 / 2 / 4 times grid
+ * rule 0 / 1 (dd_cuda_bench_set_base_variant); built with -DDD_OLD_LIBRARY for a library that
+ * lacks the variant hook (the default variant only). */
+static int run_basecmp() {
+    struct { int d_in, d_out; } shapes[] = {{4096, 4096}, {4096, 14336}, {14336, 4096}, {8192, 28672}};
+#ifdef DD_OLD_LIBRARY
+    const int n_var = 1;
+#else
+    const int n_var = 8;
+#endif
+    for (auto &sh : shapes) {
+        for (int bits : {3, 4}) {
+            dd_shape s = {sh.d_in, sh.d_out, bits, 128};
+            dd_cuda_bench *b;
+            OK(dd_cuda_bench_create(&s, 0, 7, &b));
+            size_t bytes; int copies, n_sm;
+            OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
+            const int iters = std::max(20, std::min(copies, 400));
+            double t_read;
+            OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, 7, &t_read));
+            for (int v = 0; v < n_var; v++) {
+                const int rows = v % 4 == 0 ? 0 : 1 << (v % 4 - 1), grid = v / 4;
+#ifndef DD_OLD_LIBRARY
+                dd_cuda_bench_set_base_variant(rows, grid);
+#endif
+                double t_base, t_d8[2];
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, 7, &t_base));
+                const int ntb[2] = {8, 16};
+                for (int i = 0; i < 2; i++) OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, 8, ntb[i], iters, 7, &t_d8[i]));
+                printf("CMP %5d x %5d %db rows %d grid %d: read %7.2f base %7.2f us = %5.1f%% of read; "
+                       "DEC k8 n_tb 8 %+6.1f%%, n_tb 16 %+6.1f%%\n", sh.d_in, sh.d_out, bits, rows, grid, t_read,
+                       t_base, 100 * t_read / t_base, 100 * (t_d8[0] / t_base - 1), 100 * (t_d8[1] / t_base - 1));
+                fflush(stdout);
+            }
+#ifndef DD_OLD_LIBRARY
+            dd_cuda_bench_set_base_variant(0, -1);
+#endif
+            OK(dd_cuda_bench_destroy(b));
+        }
+    }
+    return 0;
+}
+
 static int run_probe() {
     /* parts of one 4096x4096 3-bit layer call, event-timed outside graphs (median of 50) */
     for (int d : {4096, 14336}) {
@@ -382,6 +425,7 @@ int main(int argc, char **argv) {
     const int quick = argc > 2 && strcmp(argv[2], "quick") == 0;
     if (argc > 1 && strcmp(argv[1], "bench") == 0) return run_bench(quick);
     if (argc > 1 && strcmp(argv[1], "probe") == 0) return run_probe();
+    if (argc > 1 && strcmp(argv[1], "basecmp") == 0) return run_basecmp();
     if (argc > 1 && strcmp(argv[1], "parts") == 0) return run_parts(quick);
     if (argc > 1 && strcmp(argv[1], "race") == 0) return run_race();
     return run_tests(quick);
