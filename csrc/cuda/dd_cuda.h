@@ -129,6 +129,11 @@ dd_status dd_cuda_bench_destroy(dd_cuda_bench *b);
  * group (1, 2, 4; 0 = automatic), grid rule (0 = one block per resident slot, 1 = whole waves of
  * row groups, -1 = default). */
 void dd_cuda_bench_set_base_variant(int rows, int grid);
+/* Benchmark-only: the layer kernel's rows per lane group (0 = rule) and row-group hand-out (0 static,
+ * 1 dynamic tickets on SMs - n_tb, 2 dynamic filling every free block slot; -1 = default). */
+void dd_cuda_bench_set_layer_variant(int rows, int mode);
+/* Test-only: cap the layer kernel's base blocks (0 = none), so small layers hand out many row groups. */
+void dd_cuda_bench_set_layer_grid_cap(int max_base_blocks);
 /* Bandwidth probes: HBM streaming read of `bytes` (GB/s), zero-copy read of pinned mapped host
  * memory by 2*zero_copy_blocks x 256 threads (GB/s), cudaMemcpy host->device from pinned memory (GB/s). */
 dd_status dd_cuda_bench_bandwidth(size_t bytes, int zero_copy_blocks, double *hbm_gbs,

@@ -122,6 +122,8 @@ struct DecArgs {
     const __half *rscales;
     float *cell;               /* d_out meeting cells, kCellEmpty between calls */
     int k_chunk, n_dec, has_base, accumulate;
+    unsigned *ticket;          /* non-null: base row groups handed out dynamically (v7), [0] counter,
+                                * [1] finished base blocks; both zero between calls */
     unsigned short fh[DD_NUM_BUCKETS]; /* floors rounded up to fp16 (non-increasing) */
 };
 
@@ -160,12 +162,14 @@ __device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float
     }
 }
 
-constexpr int kFetchBatch = 8; /* zero-copy loads in flight per thread */
+/* zero-copy loads in flight per thread: 8, or 4 in the layer kernel built for 3 blocks/SM (85
+ * registers: 8 x 16-byte loads + 32 fp32 sums would spill) */
 
 /* One DEC block: selection of ALL chunks (one warp per chunk, redundantly in every DEC block: x is
  * a few KB in L2, and it saves a grid-wide step), then every selected row's slice of this
  * block's output columns, read zero-copy (all kFetchBatch loads issued before any is used), an
  * in-block reduction, and one arrival per output. */
+template <int kFetchBatch>
 __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half *__restrict__ y,
                           int d_in, int d_out, unsigned char *smem_raw) {
     using namespace dd_dec;
@@ -314,8 +318,13 @@ __device__ __forceinline__ void load_step(Step<BITS, ROWS> &st, const uint8_t *_
 }
 
 /* Base GEMV blocks (and, with DEC, the DEC blocks 0..n_dec-1 of the same grid). */
+/* Blocks per SM the registers must allow: 2 (128 registers; the DEC half needs them at rows 4),
+ * 3 for the layer kernel at rows <= 2 (v7: 24 warps per SM like the plain GEMV's 3-4 blocks). */
+template <int ROWS, bool DEC>
+struct MinBlocks { static constexpr int value = DEC && ROWS <= 2 ? 3 : 2; };
+
 template <int BITS, int ROWS, bool DEC>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, MinBlocks<ROWS, DEC>::value)
 gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
                  const __half *__restrict__ zeros, const __half *__restrict__ x,
                  __half *__restrict__ y, int d_in, int d_in_pad, int d_out, int group_size,
@@ -323,7 +332,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     constexpr int kUnitElems = BITS == 4 ? 32 : 64;
     extern __shared__ uint4 smem_u4[];
     if (DEC && (int)blockIdx.x < D.n_dec) {
-        dec_block(D, x, y, d_in, d_out, reinterpret_cast<unsigned char *>(smem_u4));
+        dec_block<MinBlocks<ROWS, DEC>::value >= 3 ? 4 : 8>(D, x, y, d_in, d_out, reinterpret_cast<unsigned char *>(smem_u4));
         return;
     }
     const int bid = DEC ? blockIdx.x - D.n_dec : blockIdx.x;
@@ -348,6 +357,16 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     /* ---- the first weights leave for HBM before x is staged, so the staging hides under
      * their latency ---- */
     int row0 = (bid * kWarps + warp) * rows_step;
+    /* v7 dynamic hand-out (layer kernel): a warp's first row group is static (its weights leave
+     * before x is staged, as above); every later one is a ticket from a per-layer counter, taken
+     * one group AHEAD (the atomic's round trip hides under a whole row group) and broadcast at
+     * the top of the group that needs it.  Warps on SMs that run faster (alone, or beside an
+     * idle DEC block) take more groups, so no warp waits on a static second wave. */
+    const bool dynamic = DEC && D.ticket != nullptr;
+    const int n_items = (d_out + rows_step - 1) / rows_step;
+    const bool tickets = dynamic && total_warps < n_items;
+    unsigned pend_ticket = 0;
+    if (tickets && lane == 0 && row0 < d_out) pend_ticket = atomicAdd(D.ticket, 1u);
     Step<BITS, ROWS> cur;
     if (row0 + sub * ROWS < d_out && pl < n_units)
         load_step<BITS, ROWS>(cur, qweight, scales, zeros, row0 + sub * ROWS, pl, row_bytes, d_in_pad,
@@ -423,8 +442,16 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
     int pend_row = -1;
 #pragma unroll
     for (int k = 0; k < ROWS; k++) pend_base[k] = pend_other[k] = 0.f;
-    for (; row0 < d_out; row0 += row_stride) {
+    while (row0 < d_out) {
         const int rbase = row0 + sub * ROWS;
+        int next_row0 = row0 + row_stride;
+        if (dynamic) { /* warp-uniform: row0 is per warp */
+            const int t = __shfl_sync(0xffffffffu, (int)pend_ticket, 0);
+            const long ni = tickets ? (long)total_warps + (unsigned)t : (long)n_items;
+            next_row0 = ni < n_items ? (int)ni * rows_step : d_out;
+            /* every ticket taken is looked at: the last one is the first past the end */
+            if (lane == 0 && ni < n_items) pend_ticket = atomicAdd(D.ticket, 1u);
+        }
         float acc[ROWS], early[ROWS];
 #pragma unroll
         for (int k = 0; k < ROWS; k++) acc[k] = 0.f;
@@ -437,7 +464,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                 Step<BITS, ROWS> nxt;
                 {
                     int nu = u + lanes_per_row, nr = rbase;
-                    if (nu >= n_units) { nu = pl; nr = rbase + row_stride; }
+                    if (nu >= n_units) { nu = pl; nr = next_row0 + sub * ROWS; }
                     if (nr < d_out)
                         load_step<BITS, ROWS>(nxt, qweight, scales, zeros, nr, nu, row_bytes, d_in_pad,
                                               n_groups, group_shift);
@@ -519,6 +546,7 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                 }
             }
         }
+        row0 = next_row0;
     }
     if (DEC && pend_row >= 0) {
 #pragma unroll
@@ -527,6 +555,19 @@ gemv_base_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__
                 meet_write(y, pend_row + k, pend_base[k], pend_other[k], accumulate);
                 D.cell[pend_row + k] = __uint_as_float(kCellEmpty);
             }
+    }
+    if (dynamic) {
+        /* the last base block to finish zeroes the counters for the next call (no extra graph
+         * node).  Every ticket atomic of this block has returned (each was looked at), so after
+         * the barrier and the fence no block touches the counter again in this call. */
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            if (atomicAdd(D.ticket + 1, 1u) == (unsigned)n_blocks - 1) {
+                atomicExch(D.ticket, 0u);
+                atomicExch(D.ticket + 1, 0u);
+            }
+        }
     }
 }
 
@@ -547,7 +588,16 @@ struct BasePlan {
 
 /* Benchmark-only overrides (dd_cuda_bench_set_base_variant): rows per lane group (0 = the rule
  * below) and the grid rule (0 = fill every usable SM, 1 = whole waves of row groups). */
+/* Layer kernel defaults (v7, chosen from the measured sweep in docs/KERNELS.md) */
+constexpr int kLayerRows = 0, kLayerMode = 1;
 int g_rows_override = 0, g_grid_override = -1;
+/* The layer kernel's (v7): rows per lane group (0 = rule) and row-group hand-out: 0 static (v6),
+ * 1 dynamic tickets on a grid for SMs - n_tb, 2 dynamic tickets filling every block slot the DEC
+ * blocks leave (DEC blocks' SMs too). -1 = the default rule. */
+int g_layer_rows = 0, g_layer_mode = -1;
+/* Test-only: at most this many base blocks in the layer kernel (0 = no cap), so small layers
+ * take many tickets each (the hand-out and its reset under contention). */
+int g_layer_grid_cap = 0;
 
 template <bool DEC>
 dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
@@ -571,7 +621,9 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     int rows = DEC ? 4 : 2;
     const long min_warps = (DEC ? 4L : 12L) * n_sm_free;
     while (rows > 1 && (long)s->d_out / rows * lanes / 32 < min_warps) rows /= 2;
-    if (g_rows_override == 1 || g_rows_override == 2 || g_rows_override == 4) rows = g_rows_override;
+    if (DEC && kLayerRows) rows = kLayerRows;
+    if (DEC && (g_layer_rows == 1 || g_layer_rows == 2 || g_layer_rows == 4)) rows = g_layer_rows;
+    if (!DEC && (g_rows_override == 1 || g_rows_override == 2 || g_rows_override == 4)) rows = g_rows_override;
     P->lanes = lanes;
     P->rows_per_block = kWarps * (32 / lanes) * rows;
     if (s->bits == 4) P->kernel = rows == 4 ? gemv_base_kernel<4, 4, DEC> : rows == 2 ? gemv_base_kernel<4, 2, DEC> : gemv_base_kernel<4, 1, DEC>;
@@ -601,6 +653,13 @@ extern "C" void dd_cuda_bench_set_base_variant(int rows, int grid) {
     g_rows_override = rows;
     g_grid_override = grid;
 }
+
+extern "C" void dd_cuda_bench_set_layer_variant(int rows, int mode) {
+    g_layer_rows = rows;
+    g_layer_mode = mode;
+}
+
+extern "C" void dd_cuda_bench_set_layer_grid_cap(int max_base_blocks) { g_layer_grid_cap = max_base_blocks; }
 
 extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweight,
                                        const uint16_t *d_scales, const uint16_t *d_zeros,
@@ -642,9 +701,13 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     BasePlan P;
     if ((st = plan_base<true>(s, base_sm, &P)) != DD_OK) return st;
     long blocks = 0;
+    const int mode = g_layer_mode >= 0 ? g_layer_mode : kLayerMode;
     if (dec->with_base) {
-        blocks = base_blocks(((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block,
-                             (long)base_sm * P.per_sm);
+        const long needed = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
+        if (mode == 2 && dec->base_sm <= 0) blocks = std::min(needed, std::max(1L, (long)n_sm * P.per_sm - n_dec));
+        else if (mode >= 1) blocks = std::min(needed, (long)base_sm * P.per_sm);
+        else blocks = base_blocks(needed, (long)base_sm * P.per_sm);
+        if (g_layer_grid_cap > 0) blocks = std::min(blocks, (long)g_layer_grid_cap);
     }
     DecArgs D;
     D.rcodes = reinterpret_cast<const uint4 *>(dec->rcodes);
@@ -654,6 +717,7 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     D.n_dec = n_dec;
     D.has_base = dec->with_base ? 1 : 0;
     D.accumulate = accumulate;
+    D.ticket = mode >= 1 && dec->with_base ? reinterpret_cast<unsigned *>(dec->cell + s->d_out) : nullptr;
     for (int i = 0; i < DD_NUM_BUCKETS; i++) D.fh[i] = dec->floors_half[i];
     P.kernel<<<(unsigned)(blocks + n_dec), kThreads, P.smem, (cudaStream_t)stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales),

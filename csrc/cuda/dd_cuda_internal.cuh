@@ -24,12 +24,15 @@ dd_status dd_cuda_device_limits(int *n_sm, int *max_smem_optin);
 
 /* Selected rows one DEC block holds in shared memory; a larger layer total runs fork/join. */
 #define DD_FUSED_SEL_CAP 4096
+/* words after the d_out meeting cells: [0] row-group ticket counter, [1] finished base blocks */
+#define DD_CELL_TAIL 32
 
 /* DEC half of the one-launch layer kernel (dd_cuda_gemv.cu, v5). */
 typedef struct {
     const uint8_t *rcodes;     /* device view of the pinned mapped residual */
     const uint16_t *rscales;
-    float *cell;               /* d_out meeting cells, all-ones between calls (the kernel leaves them so) */
+    float *cell;               /* d_out meeting cells, all-ones between calls (the kernel leaves them so),
+                                * then DD_CELL_TAIL words: row-group tickets (zero between calls) */
     uint16_t floors_half[DD_NUM_BUCKETS]; /* bucket floors rounded UP to fp16, non-increasing */
     int k_chunk, n_tb;
     int base_sm;               /* SMs the base grid is sized for; 0 = SMs - n_tb */

@@ -211,8 +211,11 @@ extern "C" dd_status dd_cuda_layer_create(const dd_shape *s, const uint8_t *h_qw
         TRYCU(cudaMalloc((void **)&L->d_idx, (size_t)s->d_in * sizeof(int32_t)));
         TRYCU(cudaMalloc((void **)&L->d_xsel, (size_t)s->d_in * sizeof(float)));
         /* meeting cells: all-ones ("empty") between calls; every fused call leaves them so */
-        TRYCU(cudaMalloc((void **)&L->d_cell, (size_t)s->d_out * sizeof(float)));
+        /* + DD_CELL_TAIL words: the base half's row-group ticket counter and finished-block count
+         * (zero between calls; the last base block of every call zeroes them again) */
+        TRYCU(cudaMalloc((void **)&L->d_cell, ((size_t)s->d_out + DD_CELL_TAIL) * sizeof(float)));
         TRYCU(cudaMemset(L->d_cell, 0xFF, (size_t)s->d_out * sizeof(float)));
+        TRYCU(cudaMemset(L->d_cell + s->d_out, 0, DD_CELL_TAIL * sizeof(float)));
         TRYCU(cudaDeviceSynchronize());
         void *dev = NULL;
         TRYCU(cudaHostGetDevicePointer(&dev, const_cast<uint8_t *>(h_rcodes_pinned), 0));

@@ -165,6 +165,9 @@ static void test_layer(int d_in, int d_out, int bits, int gs) {
         OK(dd_cuda_layer_forward(G, dx, dy, T, 0, st));
         CHECK(cudaStreamEndCapture(st, &g) == cudaSuccess, "capture");
         CHECK(cudaGraphInstantiate(&ge, g, 0) == cudaSuccess, "instantiate");
+        /* many back-to-back replays: the row-group tickets must be back at zero after each (a
+         * counter left over would skip rows, which the NaN poison before the last replay shows) */
+        for (int r = 0; r < 40; r++) CHECK(cudaGraphLaunch(ge, st) == cudaSuccess, "launch");
         OK(dd_cuda_memset(dy, 0xFF, (size_t)T * d_out * 2, st));
         CHECK(cudaGraphLaunch(ge, st) == cudaSuccess, "launch");
         cudaStreamSynchronize(st);
@@ -248,6 +251,9 @@ static void test_errors() {
 static int run_race() {
     test_layer(1000, 96, 3, 128);
     test_layer(2048 + 130, 320, 4, 64);
+    dd_cuda_bench_set_layer_grid_cap(3); /* many tickets per block */
+    test_layer(1000, 320, 3, 128);
+    dd_cuda_bench_set_layer_grid_cap(0);
     printf("%s: %d failure(s)\n", g_fail ? "TESTS FAILED" : "TESTS PASSED", g_fail);
     return g_fail ? 1 : 0;
 }
@@ -266,6 +272,24 @@ static int run_tests(int quick) {
                 if (quick && gs == 64 && sh[0] > 2000) continue;
                 test_layer(sh[0], sh[1], bits, gs);
             }
+    /* the layer kernel's dynamic row-group hand-out: every variant, and few base blocks taking
+     * many tickets each (env DD_TEST_LAYER_VARIANTS=0 skips) */
+    const char *lv = getenv("DD_TEST_LAYER_VARIANTS");
+    if (!lv || atoi(lv)) {
+        const int var[][2] = {{4, 0}, {2, 1}, {4, 1}, {2, 2}, {4, 2}};
+        for (auto &v : var) {
+            dd_cuda_bench_set_layer_variant(v[0], v[1]);
+            printf("layer variant rows %d hand-out %d\n", v[0], v[1]);
+            for (int cap : {0, 3}) {
+                dd_cuda_bench_set_layer_grid_cap(cap);
+                test_layer(1000, 320, 3, 128);
+                test_layer(2048 + 130, 1024, 4, 64);
+            }
+        }
+        dd_cuda_bench_set_layer_variant(0, -1);
+        dd_cuda_bench_set_layer_grid_cap(0);
+        test_layer(1024, 32768, 3, 128); /* default variant, tickets on the full grid */
+    }
     printf("%s: %d failure(s)\n", g_fail ? "TESTS FAILED" : "TESTS PASSED", g_fail);
     return g_fail ? 1 : 0;
 }
@@ -323,12 +347,9 @@ static int run_bench(int quick) {
  * rule 0 / 1 (dd_cuda_bench_set_base_variant); built with -DDD_OLD_LIBRARY for a library that
  * lacks the variant hook (the default variant only). */
 static int run_basecmp() {
-    struct { int d_in, d_out; } shapes[] = {{4096, 4096}, {4096, 14336}, {14336, 4096}, {8192, 28672}};
-#ifdef DD_OLD_LIBRARY
-    const int n_var = 1;
-#else
-    const int n_var = 8;
-#endif
+    /* v7: the layer kernel's row-group hand-out side by side; plain base alone once per shape */
+    struct { int d_in, d_out; } shapes[] = {{4096, 14336}, {14336, 4096}, {8192, 28672}, {8192, 8192}};
+    const int var[][2] = {{4, 0}, {2, 0}, {4, 1}, {2, 1}, {4, 2}, {2, 2}};
     for (auto &sh : shapes) {
         for (int bits : {3, 4}) {
             dd_shape s = {sh.d_in, sh.d_out, bits, 128};
@@ -336,26 +357,25 @@ static int run_basecmp() {
             OK(dd_cuda_bench_create(&s, 0, 7, &b));
             size_t bytes; int copies, n_sm;
             OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
-            const int iters = std::max(20, std::min(copies, 400));
-            double t_read;
-            OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, 7, &t_read));
-            for (int v = 0; v < n_var; v++) {
-                const int rows = v % 4 == 0 ? 0 : 1 << (v % 4 - 1), grid = v / 4;
-#ifndef DD_OLD_LIBRARY
-                dd_cuda_bench_set_base_variant(rows, grid);
-#endif
-                double t_base, t_d8[2];
-                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, 7, &t_base));
-                const int ntb[2] = {8, 16};
-                for (int i = 0; i < 2; i++) OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, 8, ntb[i], iters, 7, &t_d8[i]));
-                printf("CMP %5d x %5d %db rows %d grid %d: read %7.2f base %7.2f us = %5.1f%% of read; "
-                       "DEC k8 n_tb 8 %+6.1f%%, n_tb 16 %+6.1f%%\n", sh.d_in, sh.d_out, bits, rows, grid, t_read,
-                       t_base, 100 * t_read / t_base, 100 * (t_d8[0] / t_base - 1), 100 * (t_d8[1] / t_base - 1));
+            const int iters = std::max(20, std::min(copies, 200)), reps = 5;
+            double t_read, t_base;
+            OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, iters, reps, &t_read));
+            OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, iters, reps, &t_base));
+            printf("CMP %5d x %5d %db: read %7.2f us, plain base %7.2f us (%5.1f%% of read)\n", sh.d_in, sh.d_out,
+                   bits, t_read, t_base, 100 * t_read / t_base);
+            for (auto &v : var) {
+                dd_cuda_bench_set_layer_variant(v[0], v[1]);
+                for (int ntb : {4, 8, 16, 32}) {
+                    double t[3];
+                    const int kc[3] = {1, 8, 16};
+                    for (int i = 0; i < 3; i++) OK(dd_cuda_bench_run(b, DD_BENCH_FUSED, kc[i], ntb, iters, reps, &t[i]));
+                    printf("CMP %5d x %5d %db rows %d hand-out %d n_tb %2d: k1 %7.2f us %+6.1f%% | k8 %7.2f us %+6.1f%% | k16 %7.2f us %+6.1f%%\n",
+                           sh.d_in, sh.d_out, bits, v[0], v[1], ntb, t[0], 100 * (t[0] / t_base - 1), t[1],
+                           100 * (t[1] / t_base - 1), t[2], 100 * (t[2] / t_base - 1));
+                }
                 fflush(stdout);
             }
-#ifndef DD_OLD_LIBRARY
-            dd_cuda_bench_set_base_variant(0, -1);
-#endif
+            dd_cuda_bench_set_layer_variant(0, -1);
             OK(dd_cuda_bench_destroy(b));
         }
     }
