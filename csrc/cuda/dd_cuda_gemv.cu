@@ -588,12 +588,14 @@ struct BasePlan {
 
 /* Benchmark-only overrides (dd_cuda_bench_set_base_variant): rows per lane group (0 = the rule
  * below) and the grid rule (0 = fill every usable SM, 1 = whole waves of row groups). */
-/* Layer kernel defaults (v7, chosen from the measured sweep in docs/KERNELS.md) */
-constexpr int kLayerRows = 0, kLayerMode = 1;
+/* Layer kernel defaults: rows by the rule in plan_base, hand-out 3 = the v7 rule in
+ * dd_cuda_fused_launch (measured sweep in docs/KERNELS.md v7) */
+constexpr int kLayerRows = 0, kLayerMode = 3;
 int g_rows_override = 0, g_grid_override = -1;
 /* The layer kernel's (v7): rows per lane group (0 = rule) and row-group hand-out: 0 static (v6),
  * 1 dynamic tickets on a grid for SMs - n_tb, 2 dynamic tickets filling every block slot the DEC
- * blocks leave (DEC blocks' SMs too). -1 = the default rule. */
+ * blocks leave (DEC blocks' SMs too), 3 the rule (static one wave on every free slot when it fits,
+ * dynamic from 4 waves on, else static as v6). -1 = the default (3). */
 int g_layer_rows = 0, g_layer_mode = -1;
 /* Test-only: at most this many base blocks in the layer kernel (0 = no cap), so small layers
  * take many tickets each (the hand-out and its reset under contention). */
@@ -618,7 +620,9 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
      * 8192x28672), as many as keep >= 12 warps per SM busy; the one-launch layer kernel 4 while
      * >= 4 warps per SM stay busy (fewer row groups, each warp's meeting work amortised: rows 2
      * cost +10..44% more beside DEC on 14336x4096 and 8192x28672). */
-    int rows = DEC ? 4 : 2;
+    /* v7: the layer kernel at 3 bits runs rows 2 at 3 blocks/SM (24 warps, MinBlocks), which beat
+     * rows 4 at 2 blocks/SM by 6-16 points of DEC overhead; at 4 bits rows 4 stays ahead. */
+    int rows = DEC ? (s->bits == 3 ? 2 : 4) : 2;
     const long min_warps = (DEC ? 4L : 12L) * n_sm_free;
     while (rows > 1 && (long)s->d_out / rows * lanes / 32 < min_warps) rows /= 2;
     if (DEC && kLayerRows) rows = kLayerRows;
@@ -701,10 +705,20 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     BasePlan P;
     if ((st = plan_base<true>(s, base_sm, &P)) != DD_OK) return st;
     long blocks = 0;
-    const int mode = g_layer_mode >= 0 ? g_layer_mode : kLayerMode;
+    int mode = g_layer_mode >= 0 ? g_layer_mode : kLayerMode;
     if (dec->with_base) {
         const long needed = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
-        if (mode == 2 && dec->base_sm <= 0) blocks = std::min(needed, std::max(1L, (long)n_sm * P.per_sm - n_dec));
+        const long fill = std::max(1L, (long)n_sm * P.per_sm - n_dec); /* every slot DEC leaves */
+        if (mode == 3) {
+            /* one wave on every free slot (DEC blocks' SMs too) when it fits: no warp runs a second
+             * row group (8192x8192 4b: +33% -> +7%); many waves: dynamic tickets on those slots
+             * (8192x28672 3b: +4.0% -> +0.0%); in between static as v6 (tickets cost more there) */
+            if (needed <= fill && dec->base_sm <= 0) mode = 0, blocks = needed;
+            else if (needed >= 4 * fill && dec->base_sm <= 0) mode = 2;
+            else mode = 0;
+        }
+        if (blocks) {
+        } else if (mode == 2 && dec->base_sm <= 0) blocks = std::min(needed, fill);
         else if (mode >= 1) blocks = std::min(needed, (long)base_sm * P.per_sm);
         else blocks = base_blocks(needed, (long)base_sm * P.per_sm);
         if (g_layer_grid_cap > 0) blocks = std::min(blocks, (long)g_layer_grid_cap);
