@@ -131,13 +131,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def run_demo(eval_tokens: int = 1022, calib_windows: int = 4, method: str = "awq",
+def run_demo(eval_tokens: int = 1533, calib_windows: int = 8, method: str = "awq",
              text: str = "pride_and_prejudice", max_new_tokens: int = 24, out=sys.stdout) -> list[dict]:
     """The README's first command: quantize SmolLM2, calibrate DecDEC, measure, generate.
 
-    Sized for < 10 minutes on 2 cores: calibration on 4 windows of 512 Emma tokens, a coarse AWQ
-    grid (alpha 0..0.9 step 0.1; clip ratios 1..0.5 step 0.05), 3.5-bit sensitivity on 128 tokens,
-    evaluation on the first 1022 tokens of Pride and Prejudice (2 windows of BOS + 511 tokens).
+    The same settings as bench/quality_sweep.py (so its rows match the sweep's AWQ rows):
+    calibration on 8 windows of 512 Emma tokens, the default AWQ grids, 3.5-bit sensitivity on 256
+    tokens, evaluation on the first 1533 tokens of Pride and Prejudice (3 windows of BOS + 511).
+    About 5 minutes on 2 cores.
     """
     from . import data, pipeline
     from .evaluate import EvalConfig, PerplexityProtocol, evaluate
@@ -153,11 +154,8 @@ def run_demo(eval_tokens: int = 1022, calib_windows: int = 4, method: str = "awq
     print(f"model: {path.name} (reference = its dequantized Q4_1 weights), "
           f"{weights.config.n_layers} blocks", file=out)
     calib = tok.encode(data.text("emma"))
-    alpha = tuple(round(0.1 * i, 1) for i in range(10))
-    clip = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
     qms = pipeline.quantize_models(weights, calib, (3, 3.5, 4), method=method, group_size=128,
-                                   n_windows=calib_windows, sensitivity_tokens=128, tokenizer=tok,
-                                   alpha_grid=alpha, clip_grid=clip)
+                                   n_windows=calib_windows, sensitivity_tokens=256, tokenizer=tok)
     m3 = pipeline.build_model(qms[3])
     configs = [
         EvalConfig("reference (dequantized Q4_1)", None, meta={"qm": None, "k": 0}),
@@ -263,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="the main job: quantize, calibrate, measure, generate (<10 min)")
-    s.add_argument("--eval-tokens", type=int, default=1022)
-    s.add_argument("--calib-windows", type=int, default=4)
+    s.add_argument("--eval-tokens", type=int, default=1533)
+    s.add_argument("--calib-windows", type=int, default=8)
     s.add_argument("--method", choices=("awq", "rtn"), default="awq")
     s.set_defaults(func=cmd_demo)
 
