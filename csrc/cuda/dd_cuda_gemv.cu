@@ -617,11 +617,9 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     /* rows per lane group (measured, H100, docs/KERNELS.md v6): the plain GEMV at most 2 (more row
      * groups than warps by several waves: a short tail; rows 4 was 5-10% slower on 4096x14336 and
-     * 8192x28672), as many as keep >= 12 warps per SM busy; the one-launch layer kernel 4 while
-     * >= 4 warps per SM stay busy (fewer row groups, each warp's meeting work amortised: rows 2
-     * cost +10..44% more beside DEC on 14336x4096 and 8192x28672). */
-    /* v7: the layer kernel at 3 bits runs rows 2 at 3 blocks/SM (24 warps, MinBlocks), which beat
-     * rows 4 at 2 blocks/SM by 6-16 points of DEC overhead; at 4 bits rows 4 stays ahead. */
+     * 8192x28672), as many as keep >= 12 warps per SM busy.  v7: the layer kernel at 3 bits runs rows 2 at 3 blocks/SM (24 warps, MinBlocks), which beat
+     * rows 4 at 2 blocks/SM by 6-16 points of DEC overhead; at 4 bits rows 4 stays ahead; both
+     * halved while fewer than 4 warps per SM would be busy. */
     int rows = DEC ? (s->bits == 3 ? 2 : 4) : 2;
     const long min_warps = (DEC ? 4L : 12L) * n_sm_free;
     while (rows > 1 && (long)s->d_out / rows * lanes / 32 < min_warps) rows /= 2;
