@@ -312,6 +312,77 @@ static PyTypeObject DeviceArray_Type = {
 
 /* ---- importing device views ------------------------------------------------------------ */
 
+/* A DLPack producer (JAX, CuPy, torch, another DeviceArray...): take its capsule, read the tensor,
+ * and drop the capsule unconsumed, so the producer's destructor runs its deleter.  The memory stays
+ * valid because the caller holds the producer object for the whole call, as with CAI; the capsule is
+ * asked for on the legacy default stream (1), where decdec launches unless stream= says otherwise. */
+static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
+    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (!dev) return -1;
+    int dev_type = -1, dev_id = -1;
+    if (!PyArg_ParseTuple(dev, "ii", &dev_type, &dev_id)) {
+        Py_DECREF(dev);
+        PyErr_Format(PyExc_TypeError, "%s: __dlpack_device__ must return (device_type, device_id)", name);
+        return -1;
+    }
+    Py_DECREF(dev);
+    if (dev_type != kDLCUDA) {
+        PyErr_Format(PyExc_ValueError, "%s is a DLPack tensor on device type %d, not CUDA (2): the CUDA "
+                     "DecLinear needs device memory", name, dev_type);
+        return -1;
+    }
+    PyObject *kw = Py_BuildValue("{s:i}", "stream", 1);
+    PyObject *meth = kw ? PyObject_GetAttrString(obj, "__dlpack__") : NULL;
+    PyObject *empty = meth ? PyTuple_New(0) : NULL;
+    PyObject *cap = empty ? PyObject_Call(meth, empty, kw) : NULL;
+    Py_XDECREF(empty);
+    Py_XDECREF(meth);
+    Py_XDECREF(kw);
+    if (!cap) return -1;
+    int rc = -1;
+    DLManagedTensor *m = PyCapsule_IsValid(cap, "dltensor") ? (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor") : NULL;
+    if (!m) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: __dlpack__ did not return an unconsumed 'dltensor' capsule", name);
+        goto done;
+    }
+    const DLTensor *t = &m->dl_tensor;
+    if (t->ndim < 1 || t->ndim > 2) {
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D or 2-D, got %d dimensions", name, (int)t->ndim);
+        goto done;
+    }
+    if (t->dtype.lanes != 1) {
+        PyErr_Format(PyExc_TypeError, "%s: vector DLPack dtypes are not supported", name);
+        goto done;
+    }
+    if (t->dtype.code == kDLFloat && t->dtype.bits == 16) v->typenum = NPY_FLOAT16;
+    else if (t->dtype.code == kDLFloat && t->dtype.bits == 32) v->typenum = NPY_FLOAT32;
+    else if (t->dtype.code == kDLUInt && t->dtype.bits == 8) v->typenum = NPY_UINT8;
+    else if (t->dtype.code == kDLInt && t->dtype.bits == 32) v->typenum = NPY_INT32;
+    else {
+        PyErr_Format(PyExc_TypeError, "%s: unsupported DLPack dtype (code %d, %d bits)", name,
+                     (int)t->dtype.code, (int)t->dtype.bits);
+        goto done;
+    }
+    v->ndim = (int)t->ndim;
+    for (int d = 0; d < v->ndim; d++) v->shape[d] = (Py_ssize_t)t->shape[d];
+    if (t->strides) { /* strides are in elements; only C-contiguous layouts are accepted */
+        int64_t want = 1;
+        for (int d = v->ndim - 1; d >= 0; d--) {
+            if (t->shape[d] > 1 && t->strides[d] != want) {
+                PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
+                goto done;
+            }
+            want *= t->shape[d];
+        }
+    }
+    v->ptr = (char *)t->data + t->byte_offset;
+    rc = 0;
+done:
+    Py_DECREF(cap);
+    return rc;
+}
+
 int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
     memset(v, 0, sizeof *v);
     v->stream = -1; /* none given */
@@ -328,6 +399,9 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
         v->shape[0] = a->shape[0];
         v->shape[1] = a->shape[1];
         v->typenum = a->typenum;
+    } else if (!PyObject_HasAttrString(obj, "__cuda_array_interface__") &&
+               PyObject_HasAttrString(obj, "__dlpack__") && !PyArray_Check(obj)) {
+        if (dlpack_view(obj, name, v) < 0) return -1;
     } else {
         PyObject *cai = PyObject_GetAttrString(obj, "__cuda_array_interface__");
         if (!cai) {
@@ -337,8 +411,8 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
                              "memory (decdec.DeviceArray(x), a torch CUDA tensor, or an int pointer)", name);
                 return -1;
             }
-            PyErr_Format(PyExc_TypeError, "%s must expose __cuda_array_interface__ (or be a DeviceArray or an "
-                         "int device pointer), got %s", name, Py_TYPE(obj)->tp_name);
+            PyErr_Format(PyExc_TypeError, "%s must expose __cuda_array_interface__ or __dlpack__ (or be a "
+                         "DeviceArray or an int device pointer), got %s", name, Py_TYPE(obj)->tp_name);
             return -1;
         }
         int rc = -1;
