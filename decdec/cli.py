@@ -1,4 +1,4 @@
-"""Command line: python -m decdec {fetch, quantize, eval, generate, demo, bench}.
+"""Command line: python -m decdec {fetch, quantize, eval, generate, demo, bench, tune}.
 
 The CLI only composes the library (fetch, loaders, pipeline, artifacts, evaluate, generate);
 every number it prints comes from those modules.
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     sub.add_parser("bench", help="benchmarks (python -m decdec bench --help)", add_help=False)
+    sub.add_parser("tune", help="pick n_tb and per-module k_chunk under a slowdown bound (GPU)", add_help=False)
     return p
 
 
@@ -274,6 +275,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "tune":
+        from . import tune
+        return int(tune.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

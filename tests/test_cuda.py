@@ -196,3 +196,18 @@ def test_dlpack_inputs_and_outputs():
     xt = torch.from_numpy(x).cuda()
     y = gpu.forward(_OnlyDLPack(xt)).numpy()
     assert _rel(y, ref) < 2e-3
+
+
+def test_n_tb_on_the_gpu():
+    rng = np.random.default_rng(5)
+    arrays = _layer_arrays(rng, 2048, 512, 4, 128)
+    cpu = _C.DecLinear(**arrays, k_chunk=8, device="cpu")
+    gpu = _C.DecLinear(**arrays, k_chunk=8, device="cuda")
+    x = _x(rng, 1, 2048)[0]
+    ref = cpu.forward(x.astype(np.float32))
+    for n_tb in (1, 4, 32):
+        gpu.n_tb = n_tb
+        assert _rel(gpu.forward(_C.DeviceArray(x)).numpy(), ref) < 2e-3
+    with pytest.raises(ValueError, match="multiprocessor"):
+        gpu.n_tb = 1000
+    assert gpu.n_tb == 32

@@ -162,3 +162,16 @@ def test_no_leak_over_10000_objects(parts):
     growth = rss_bytes() - before
     # one layer holds ~70 KB; a leak of even one buffer per object would add > 100 MB
     assert growth < 8 * 2**20, growth
+
+
+def test_n_tb_property(parts):
+    layer = build(parts)
+    assert layer.n_tb == 16
+    layer.n_tb = 8
+    assert layer.n_tb == 8
+    for bad in (0, -1, 1025):
+        with pytest.raises(ValueError, match="n_tb"):
+            layer.n_tb = bad
+    with pytest.raises(TypeError, match="n_tb must be an int"):
+        layer.n_tb = 4.0
+    assert layer.n_tb == 8

@@ -21,6 +21,7 @@ typedef struct {
     dd_shape shape;
     int backend;
     int32_t k_chunk;
+    int32_t n_tb;        /* thread blocks the GPU's DEC part may hold (the CPU ignores it) */
     dd_selection selection;
     /* host copies (the CPU backend computes from them; the CUDA path may release them) */
     uint8_t *qweight;
@@ -48,6 +49,7 @@ PyObject *dd_py_raise(dd_status status, const char *context);
 int dd_py_declinear_cuda_init(DecLinearObject *self, PyObject *kwds_device_options);
 PyObject *dd_py_declinear_cuda_forward(DecLinearObject *self, PyObject *args, PyObject *kwds);
 void dd_py_declinear_cuda_free(DecLinearObject *self);
+int dd_py_declinear_cuda_set_n_tb(DecLinearObject *self, int32_t n_tb);
 int dd_py_cuda_types_init(PyObject *module); /* DeviceArray & co */
 #endif
 

@@ -6,6 +6,9 @@
 
 #include "dd_python.h"
 
+#define DD_DEFAULT_N_TB 16
+#define DD_MAX_N_TB 1024
+
 /* ---- argument validation: every message names the argument and what was expected ------- */
 
 static int check_array(PyObject *obj, const char *name, int typenum, int ndim,
@@ -233,6 +236,7 @@ static int declinear_init(DecLinearObject *self, PyObject *args, PyObject *kwds)
     self->shape = s;
     self->backend = backend;
     self->k_chunk = k_chunk;
+    self->n_tb = DD_DEFAULT_N_TB;
     self->selection = selection;
     if (!(self->qweight = copy_out(qweight)) || !(self->scales = copy_out(scales)) ||
         !(self->zeros = copy_out(zeros)) || !(self->thresholds = copy_out(thresholds)) ||
@@ -497,6 +501,31 @@ static int set_k_chunk(DecLinearObject *self, PyObject *value, void *c) {
     return parse_k_chunk(value, &self->k_chunk);
 }
 
+static PyObject *get_n_tb(DecLinearObject *self, void *c) { (void)c; return PyLong_FromLong(self->n_tb); }
+
+static int set_n_tb(DecLinearObject *self, PyObject *value, void *c) {
+    (void)c;
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "n_tb cannot be deleted");
+        return -1;
+    }
+    if (!PyLong_Check(value) || PyBool_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "n_tb must be an int, got %s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    long n = PyLong_AsLong(value);
+    if (n == -1 && PyErr_Occurred()) return -1;
+    if (n < 1 || n > DD_MAX_N_TB) {
+        PyErr_Format(PyExc_ValueError, "n_tb must be in [1, %d], got %ld", DD_MAX_N_TB, n);
+        return -1;
+    }
+#ifdef DD_PY_CUDA
+    if (self->backend == DD_BACKEND_CUDA && dd_py_declinear_cuda_set_n_tb(self, (int32_t)n) < 0) return -1;
+#endif
+    self->n_tb = (int32_t)n;
+    return 0;
+}
+
 static int set_selection(DecLinearObject *self, PyObject *value, void *c) {
     (void)c;
     if (!value) {
@@ -523,6 +552,8 @@ static PyGetSetDef declinear_getset[] = {
     {"backend", (getter)get_backend, NULL, "'cpu' or 'cuda'", NULL},
     {"k_chunk", (getter)get_k_chunk, (setter)set_k_chunk,
      "channels compensated per 1024-wide chunk of x (0 turns compensation off)", NULL},
+    {"n_tb", (getter)get_n_tb, (setter)set_n_tb,
+     "thread blocks the GPU's DEC part may hold beside the base GEMV (default 16; the CPU ignores it)", NULL},
     {"selection", (getter)get_selection, (setter)set_selection, "'bucket' (approximate top-k) or 'exact'", NULL},
     {"residual_nbytes", (getter)get_residual_nbytes, NULL, "bytes of the residual cheatsheet (host memory)", NULL},
     {"residual_pinned", (getter)get_residual_pinned, NULL, "whether the residual lives in pinned, mapped memory", NULL},

@@ -30,6 +30,7 @@ int dd_py_declinear_cuda_init(DecLinearObject *self, PyObject *options) {
     st = dd_cuda_layer_create(&self->shape, self->qweight, self->scales, self->zeros, self->rcodes,
                               self->rscales, self->thresholds, &state->layer);
     if (st == DD_OK) st = dd_cuda_layer_set_k_chunk(state->layer, self->k_chunk);
+    if (st == DD_OK) st = dd_cuda_layer_set_n_tb(state->layer, self->n_tb);
     Py_END_ALLOW_THREADS
     if (st != DD_OK) {
         if (state->layer) dd_cuda_layer_destroy(state->layer);
@@ -39,6 +40,20 @@ int dd_py_declinear_cuda_init(DecLinearObject *self, PyObject *options) {
     }
     state->k_chunk = self->k_chunk;
     self->cuda = state;
+    return 0;
+}
+
+int dd_py_declinear_cuda_set_n_tb(DecLinearObject *self, int32_t n_tb) {
+    dd_py_cuda_state *state = (dd_py_cuda_state *)self->cuda;
+    if (!state) {
+        PyErr_SetString(PyExc_RuntimeError, "DecLinear: CUDA state missing");
+        return -1;
+    }
+    if (dd_cuda_layer_set_n_tb(state->layer, n_tb) != DD_OK) {
+        PyErr_Format(PyExc_ValueError, "n_tb=%d: must be at least 1 and below this GPU's "
+                     "multiprocessor count", (int)n_tb);
+        return -1;
+    }
     return 0;
 }
 
