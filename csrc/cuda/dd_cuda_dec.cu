@@ -63,19 +63,6 @@ select_warp_kernel(const __half *__restrict__ x, int d_in, FloorsHalf fh, int k_
     if (quota) dd_dec::warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2, idx + c * k_chunk);
 }
 
-/* acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
-__device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float acc[32]) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int w = 0; w < 4; w++) {
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            const float c = __uint_as_float(0x4B000000u | ((words[w] >> (4 * n)) & 0xFu)) - 8388616.f;
-            acc[8 * w + n] = fmaf(xv, c, acc[8 * w + n]);
-        }
-    }
-}
-
 /* Partial sums of one round (8 of a thread's 32 outputs) for every (slot, unit) of a tile. */
 constexpr int kRoundVals = 8;
 
@@ -120,7 +107,7 @@ fetch_kernel(const uint4 *__restrict__ rcodes, const __half *__restrict__ rscale
                 }
 #pragma unroll
                 for (int k = 0; k < kUnroll; k++)
-                    if (xv[k] != 0.f) accumulate_codes(v[k], xv[k], acc);
+                    if (xv[k] != 0.f) dd_dec::accumulate_codes(v[k], xv[k], acc);
             }
         }
         /* reduce over slots without atomics: 4 rounds of 8 values through shared memory */

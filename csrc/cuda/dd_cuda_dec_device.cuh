@@ -245,6 +245,20 @@ __device__ __forceinline__ void warp_select_chunk(const __half *__restrict__ x, 
     for (int i = n + lane; i < quota; i += 32) out_idx[i] = -1;
 }
 
+/* One zero-copy residual vector (32 output channels' nibbles) times x_i, into 32 fp32 sums:
+ * acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
+__device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float acc[32]) {
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            const float c = __uint_as_float(0x4B000000u | ((words[w] >> (4 * n)) & 0xFu)) - 8388616.f;
+            acc[8 * w + n] = fmaf(xv, c, acc[8 * w + n]);
+        }
+    }
+}
+
 } // namespace dd_dec
 
 #endif

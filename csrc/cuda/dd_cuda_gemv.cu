@@ -149,19 +149,6 @@ __device__ __forceinline__ void dec_arrive(const DecArgs &D, __half *y, int o, f
     }
 }
 
-/* acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
-__device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float acc[32]) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int w = 0; w < 4; w++) {
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            const float c = __uint_as_float(0x4B000000u | ((words[w] >> (4 * n)) & 0xFu)) - 8388616.f;
-            acc[8 * w + n] = fmaf(xv, c, acc[8 * w + n]);
-        }
-    }
-}
-
 /* zero-copy loads in flight per thread: 8, or 4 in the layer kernel built for 3 blocks/SM (85
  * registers: 8 x 16-byte loads + 32 fp32 sums would spill) */
 
@@ -221,7 +208,7 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
                 }
 #pragma unroll
                 for (int k = 0; k < kFetchBatch; k++)
-                    if (xv[k] != 0.f) accumulate_codes(v[k], xv[k], acc);
+                    if (xv[k] != 0.f) dd_dec::accumulate_codes(v[k], xv[k], acc);
             }
             /* each lane holds 32 consecutive outputs of its own unit: transpose 8 at a time through
              * this warp's slice of shared memory so the arrivals of a warp are coalesced */
@@ -268,7 +255,7 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
                 }
 #pragma unroll
                 for (int k = 0; k < kFetchBatch; k++)
-                    if (xv[k] != 0.f) accumulate_codes(v[k], xv[k], acc);
+                    if (xv[k] != 0.f) dd_dec::accumulate_codes(v[k], xv[k], acc);
             }
         }
         /* sum the G partials of each output through shared memory, 8 outputs a round */
