@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from .fileio import atomic_write_text
+
 SHAPES = [  # (d_in, d_out, what)
     (4096, 4096, "llama3-8b q/o"), (4096, 1024, "llama3-8b k/v"), (4096, 14336, "llama3-8b gate/up"),
     (14336, 4096, "llama3-8b down"), (8192, 8192, "llama3-70b q/o"), (8192, 28672, "llama3-70b gate/up"),
@@ -191,10 +193,7 @@ def main(argv=None) -> int:
     args.argv = argv
     recs = bench_kernels(args) if args.what == "kernels" else bench_bandwidth(args)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(recs, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(recs, indent=1))
     return 0
 
 

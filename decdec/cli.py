@@ -17,19 +17,8 @@ DEMO_PROMPT = "Write one sentence about the sea."
 
 def _load_source(model: str | None):
     """(LlamaWeights, Tokenizer) of a GGUF file, a Hugging Face directory, or SmolLM2 (default)."""
-    from .loaders import load_gguf, load_hf
-    if model in (None, "smollm2"):
-        from .fetch import fetch_smollm2
-        return load_gguf(fetch_smollm2(verbose=True))
-    p = Path(model)
-    if p.is_dir():
-        weights, tok = load_hf(p)
-        if tok is None:
-            raise SystemExit(f"decdec: {p} has no tokenizer.json")
-        return weights, tok
-    if p.is_file():
-        return load_gguf(p)
-    raise SystemExit(f"decdec: model {model!r} is neither 'smollm2', a GGUF file nor a directory")
+    from .loaders import load_model
+    return load_model(model, verbose=True)
 
 
 def _read_text(path: str) -> str:

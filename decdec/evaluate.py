@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .fileio import atomic_write_text
+
 
 @dataclass(frozen=True)
 class PerplexityProtocol:
@@ -198,16 +200,6 @@ def summarize_sweep(records: list[dict]) -> list[dict]:
     return out
 
 
-def _atomic_write_text(path, text: str) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fmt(x, nd=3):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -276,8 +268,8 @@ def write_sweep(records: list[dict], meta: dict, out_dir) -> dict:
     """bench/results/quality.{md,json,png} (each written atomically). Returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"quality.{ext}") for ext in ("md", "json", "png")}
-    _atomic_write_text(paths["json"], json.dumps({"meta": meta, "records": records,
+    atomic_write_text(paths["json"], json.dumps({"meta": meta, "records": records,
                                                   "summary": summarize_sweep(records)}, indent=1) + "\n")
-    _atomic_write_text(paths["md"], sweep_markdown(records, meta))
+    atomic_write_text(paths["md"], sweep_markdown(records, meta))
     sweep_plot(records, paths["png"])
     return paths

@@ -323,12 +323,12 @@ def _read_bf16(path: Path, name: str, original: Exception) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def load_model(source: str | Path | None = None, *, cache_dir=None):
+def load_model(source: str | Path | None = None, *, cache_dir=None, verbose: bool = False):
     """(LlamaWeights, Tokenizer) from a GGUF file, a Hugging Face directory, or None/'smollm2'
     (the default model, fetched and verified by decdec.fetch). For CLI --model arguments."""
     if source is None or str(source).lower() in ("smollm2", "smollm2-135m-instruct"):
         from .fetch import fetch_smollm2
-        return load_gguf(fetch_smollm2(cache_dir))
+        return load_gguf(fetch_smollm2(cache_dir, **({"verbose": True} if verbose else {})))
     path = Path(source).expanduser()
     if path.is_dir():
         weights, tok = load_hf(path)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import awq as _awq
+from . import formats
 from .awq import INPUT_KINDS, INPUT_OF_LINEAR, LINEARS_OF_INPUT, LayerScales
 
 CALIB_CONTEXT = 512
@@ -199,16 +200,9 @@ class QuantizedModel:
         return int(total)
 
 
-def chunk_quota(d_in: int, chunk: int, k_chunk: int) -> int:
-    """decdec.h's per-chunk quota (DD_CHUNK = 1024)."""
-    L = min(1024, d_in - 1024 * chunk)
-    if L == 1024:
-        return k_chunk
-    return min(L, (k_chunk * L + 512) // 1024)
-
-
 def total_quota(d_in: int, k_chunk: int) -> int:
-    return sum(chunk_quota(d_in, c, k_chunk) for c in range(-(-d_in // 1024)))
+    """Channels a layer of width d_in selects per token (decdec.h's quota rule, formats.py)."""
+    return sum(formats.chunk_quotas(d_in, k_chunk))
 
 
 def _weights_with_blocks(qm: QuantizedModel, dequantized: bool):

@@ -17,6 +17,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from .fileio import atomic_write_text
+
 
 @dataclass(frozen=True)
 class Module:
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     measure = GpuMeasure()
     modules = llama_modules(**PRESETS[args.preset])
     results = []
-    print(f"| preset | bits | target | n_tb | k_chunk (qkv, o, gate_up, down) | base us/block | tuned us | slowdown |")
+    print("| preset | bits | target | n_tb | k_chunk (qkv, o, gate_up, down) | base us/block | tuned us | slowdown |")
     print("|---|---|---|---|---|---|---|---|")
     for target in (float(v) for v in args.targets.split(",")):
         r = tune(modules, args.bits, target, measure)
@@ -183,8 +185,7 @@ def main(argv=None) -> int:
               f"{r.tuned_us:.2f} | {100 * r.slowdown:+.2f}% |", flush=True)
         results.append(dict(asdict(r), preset=args.preset, bits=args.bits, slowdown=r.slowdown))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write_text(args.json, json.dumps(results, indent=1))
     return 0
 
 

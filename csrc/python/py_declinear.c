@@ -77,19 +77,31 @@ static int parse_selection(PyObject *value, dd_selection *out) {
     return 0;
 }
 
-static int parse_k_chunk(PyObject *value, int32_t *out) {
+/* An int attribute in [lo, hi]: TypeError for non-ints (bool included), ValueError out of range. */
+static int parse_int_in(PyObject *value, const char *name, long lo, long hi, int32_t *out) {
     if (!PyLong_Check(value) || PyBool_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "k_chunk must be an int, got %s", Py_TYPE(value)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", name, Py_TYPE(value)->tp_name);
         return -1;
     }
-    long k = PyLong_AsLong(value);
-    if (k == -1 && PyErr_Occurred()) return -1;
-    if (k < 0 || k > DD_CHUNK) {
-        PyErr_Format(PyExc_ValueError, "k_chunk must be in [0, %d], got %ld", DD_CHUNK, k);
+    long v = PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be in [%ld, %ld], got %ld", name, lo, hi, v);
         return -1;
     }
-    *out = (int32_t)k;
+    *out = (int32_t)v;
     return 0;
+}
+
+static int parse_k_chunk(PyObject *value, int32_t *out) {
+    return parse_int_in(value, "k_chunk", 0, DD_CHUNK, out);
+}
+
+/* Settable attributes cannot be deleted: `del layer.k_chunk` raises instead of zeroing. */
+static int reject_delete(PyObject *value, const char *name) {
+    if (value) return 0;
+    PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", name);
+    return -1;
 }
 
 /* ---- lifetime ------------------------------------------------------------------------------ */
@@ -494,10 +506,7 @@ static PyObject *get_residual_codes(DecLinearObject *self, void *c) {
 
 static int set_k_chunk(DecLinearObject *self, PyObject *value, void *c) {
     (void)c;
-    if (!value) {
-        PyErr_SetString(PyExc_AttributeError, "k_chunk cannot be deleted");
-        return -1;
-    }
+    if (reject_delete(value, "k_chunk")) return -1;
     return parse_k_chunk(value, &self->k_chunk);
 }
 
@@ -505,33 +514,18 @@ static PyObject *get_n_tb(DecLinearObject *self, void *c) { (void)c; return PyLo
 
 static int set_n_tb(DecLinearObject *self, PyObject *value, void *c) {
     (void)c;
-    if (!value) {
-        PyErr_SetString(PyExc_AttributeError, "n_tb cannot be deleted");
-        return -1;
-    }
-    if (!PyLong_Check(value) || PyBool_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "n_tb must be an int, got %s", Py_TYPE(value)->tp_name);
-        return -1;
-    }
-    long n = PyLong_AsLong(value);
-    if (n == -1 && PyErr_Occurred()) return -1;
-    if (n < 1 || n > DD_MAX_N_TB) {
-        PyErr_Format(PyExc_ValueError, "n_tb must be in [1, %d], got %ld", DD_MAX_N_TB, n);
-        return -1;
-    }
+    int32_t n;
+    if (reject_delete(value, "n_tb") || parse_int_in(value, "n_tb", 1, DD_MAX_N_TB, &n)) return -1;
 #ifdef DD_PY_CUDA
-    if (self->backend == DD_BACKEND_CUDA && dd_py_declinear_cuda_set_n_tb(self, (int32_t)n) < 0) return -1;
+    if (self->backend == DD_BACKEND_CUDA && dd_py_declinear_cuda_set_n_tb(self, n) < 0) return -1;
 #endif
-    self->n_tb = (int32_t)n;
+    self->n_tb = n;
     return 0;
 }
 
 static int set_selection(DecLinearObject *self, PyObject *value, void *c) {
     (void)c;
-    if (!value) {
-        PyErr_SetString(PyExc_AttributeError, "selection cannot be deleted");
-        return -1;
-    }
+    if (reject_delete(value, "selection")) return -1;
     return parse_selection(value, &self->selection);
 }
 
