@@ -109,6 +109,20 @@ int32_t dd_num_chunks(int32_t d_in);
 int32_t dd_chunk_quota(int32_t d_in, int32_t chunk, int32_t k_chunk);
 int32_t dd_total_quota(int32_t d_in, int32_t k_chunk);
 
+/* n_tb, the thread blocks DEC may hold beside the base GEMV: one rule for C and Python.
+ * A GPU of n_sm multiprocessors takes 1..dd_n_tb_max(n_sm); the default is dd_n_tb_default(n_sm)
+ * (16 on the 132-SM H100/H200, 2 on a 16-SM MIG slice).  A CPU layer takes 1..DD_N_TB_LIMIT
+ * (kept for when its weights go to a GPU; the CPU ignores it). */
+#define DD_N_TB_LIMIT 1024
+int32_t dd_n_tb_max(int32_t n_sm);      /* max(1, n_sm - 1) */
+int32_t dd_n_tb_default(int32_t n_sm);  /* clamp(n_sm / 8, 1, dd_n_tb_max(n_sm)) */
+
+/* Byte accounting, one rule (DecLinear's properties and decdec.pipeline report these). */
+size_t dd_weight_nbytes(const dd_shape *s);   /* GPU-resident: qweight + scales + zeros + residual
+                                               * scales + thresholds */
+size_t dd_residual_nbytes(const dd_shape *s); /* the cheatsheet's codes (host, pinned) */
+size_t dd_fetch_nbytes(const dd_shape *s, int32_t k_chunk); /* residual bytes fetched per token */
+
 /* Bucket floors (fp32) from thresholds for a layer total k (k >= 1). */
 void dd_bucket_floors(const float *thresholds, int32_t k_total, float floors[DD_NUM_BUCKETS]);
 

@@ -65,39 +65,97 @@ dd_status dd_cuda_dec_fetch(const dd_shape *s, const uint8_t *rcodes_mapped, con
                             const int32_t *d_idx, const float *d_xsel, int32_t n_sel, int n_tb,
                             uint16_t *d_y, void *stream);
 
-/* ---- a whole layer -------------------------------------------------------------------- */
+/* ---- a whole layer: immutable weights, run settings, per-stream workspace --------------
+ *
+ * Three separate things (DecLinear v2, issue 7):
+ *   dd_cuda_layer      the weights on the device: created once, NEVER modified afterwards (every
+ *                      function below takes it const).  Safe to share between threads and streams.
+ *   dd_cuda_run        the run settings of a call (k_chunk, n_tb, path, measurement variant) and
+ *                      what is derived from them (k_total, bucket floors): a plain value, built on
+ *                      the host by dd_cuda_run_init with NO CUDA call (so it may be built while a
+ *                      stream capture is in progress), copied into every launch by value.
+ *   dd_cuda_workspace  per-call scratch: the fused kernel's meeting cells and row-group tickets,
+ *                      the fork/join path's index/value buffers, its side stream and events.
+ *                      Calls that may overlap on the GPU (different streams, or a graph replayed
+ *                      beside eager calls) need different workspaces; calls ordered on one stream
+ *                      may share one, also across layers (sized for the largest d_in / d_out).
+ * Thread rule: any number of host threads may call dd_cuda_layer_forward on one layer at once,
+ * each with its own run value; a workspace serves one stream at a time. */
 typedef struct dd_cuda_layer dd_cuda_layer;
-/* Uploads qweight/scales/zeros/rscales/thresholds to the current device (copies: the host
- * arrays may be freed afterwards).  h_rcodes_pinned must stay valid for the layer's life: a
- * pinned, mapped buffer (dd_cuda_host_alloc_mapped or dd_host_alloc) that the caller owns. */
+typedef struct dd_cuda_workspace dd_cuda_workspace;
+
+/* How a layer call runs DEC. */
+enum {
+    DD_PATH_FUSED = 0,    /* one launch: DEC blocks beside the base GEMV blocks (falls back to
+                           * FORKJOIN when the floors are not non-increasing or more than
+                           * DD_FUSED_SEL_CAP rows are selected) */
+    DD_PATH_SERIAL = 1,   /* DEC alone, then the base GEMV, on one stream (measurement) */
+    DD_PATH_FORKJOIN = 2  /* select + fetch kernels on the workspace's side stream beside the base */
+};
+
+/* Measurement-only kernel variants (0 = the production rule everywhere).  Carried inside
+ * dd_cuda_run, never process-global: production calls cannot see a benchmark's choice. */
+typedef struct {
+    int32_t base_rows;      /* plain base GEMV rows per lane group: 0 rule, 1, 2, 4 */
+    int32_t base_grid;      /* plain base GEMV grid: 0 rule (one block per resident slot), 1 whole waves */
+    int32_t layer_rows;     /* layer kernel rows per lane group: 0 rule, 1, 2, 4 */
+    int32_t layer_mode;     /* layer kernel row-group hand-out: 0 rule (v7), 1 static, 2 tickets on
+                             * SMs - n_tb, 3 tickets on every free slot  (see dd_cuda_gemv.cu) */
+    int32_t layer_grid_cap; /* at most this many base blocks in the layer kernel (0 = no cap) */
+    int32_t base_sm;        /* SMs the layer kernel's base grid is sized for (0 = SMs - n_tb) */
+} dd_cuda_variant;
+
+typedef struct {
+    int32_t k_chunk;       /* 0..DD_CHUNK (0 = compensation off: the base GEMV alone) */
+    int32_t n_tb;          /* 1..dd_n_tb_max(SMs) */
+    int32_t path;          /* DD_PATH_* */
+    dd_cuda_variant variant;
+    /* derived by dd_cuda_run_init; callers do not write these */
+    int32_t k_total;       /* dd_total_quota(d_in, k_chunk) */
+    int32_t fused_ok;      /* the fused kernel applies (floors non-increasing, k_total <= cap) */
+    float floors[DD_NUM_BUCKETS];          /* dd_bucket_floors(thresholds, k_total) */
+    uint16_t floors_half[DD_NUM_BUCKETS];  /* the same rounded UP to fp16 (exact compare on fp16 |x|) */
+} dd_cuda_run;
+
+/* Uploads qweight/scales/zeros/rscales to the current device and keeps a host copy of the
+ * thresholds (the floors are derived from them); the host arrays may be freed afterwards.
+ * h_rcodes_pinned must stay valid for the layer's life: a pinned, mapped buffer (dd_host_alloc
+ * with want_pinned) that the caller owns.  Synchronous; not while a capture is in progress. */
 dd_status dd_cuda_layer_create(const dd_shape *s, const uint8_t *h_qweight, const uint16_t *h_scales,
                                const uint16_t *h_zeros, const uint8_t *h_rcodes_pinned,
                                const uint16_t *h_rscales, const float *h_thresholds,
                                dd_cuda_layer **out);
 dd_status dd_cuda_layer_destroy(dd_cuda_layer *layer);
-/* k_chunk 0..1024 (0 = compensation off).  Not while a stream capture is in progress
- * (it uploads the bucket floors synchronously). */
-dd_status dd_cuda_layer_set_k_chunk(dd_cuda_layer *layer, int32_t k_chunk);
-/* n_tb: thread blocks for DEC (1..SMs/2 are sensible; default 16). */
-dd_status dd_cuda_layer_set_n_tb(dd_cuda_layer *layer, int32_t n_tb);
-/* 0 (default): one kernel launch per token: DEC thread blocks (selection + zero-copy fetch, each
- *    owning a slice of the output columns) and the base GEMV's blocks in the same grid, meeting per
- *    output in an fp32 exchange cell (graph-capturable); falls back to 2 when the floors are not
- *    non-increasing or more than 4096 rows are selected;
- * 1: DEC alone, then the base GEMV, serialised on `stream` (for measurement);
- * 2: the earlier fork/join path (memset, select and fetch kernels on a second stream beside the
- *    base GEMV; for measurement).
- * A layer object runs one call at a time: calls on different streams must not overlap. */
-dd_status dd_cuda_layer_set_serial(dd_cuda_layer *layer, int serial);
 int dd_cuda_layer_device(const dd_cuda_layer *layer);
+int dd_cuda_layer_n_sm(const dd_cuda_layer *layer);
+const dd_shape *dd_cuda_layer_shape(const dd_cuda_layer *layer);
+
+/* Settings for calls on `layer`: validates k_chunk (0..DD_CHUNK), n_tb (1..dd_n_tb_max(SMs)),
+ * path and variant, derives k_total and floors.  Host only, no CUDA call, no allocation. */
+dd_status dd_cuda_run_init(const dd_cuda_layer *layer, int32_t k_chunk, int32_t n_tb, int32_t path,
+                           const dd_cuda_variant *variant /* NULL = production */, dd_cuda_run *run);
+
+/* Scratch for calls of layers up to max_d_in x max_d_out on `device`: allocated and initialised
+ * synchronously (meeting cells all-ones, tickets zero; every call leaves them so).  Not while a
+ * capture is in progress. */
+dd_status dd_cuda_workspace_create(int device, int32_t max_d_in, int32_t max_d_out,
+                                   dd_cuda_workspace **out);
+dd_status dd_cuda_workspace_destroy(dd_cuda_workspace *ws);
+
 /* One layer call for n_tok tokens (each compensated on its own): y (=|+=) layer(x).
- * x: [n_tok, d_in] fp16, y: [n_tok, d_out] fp16, both device memory of the layer's device.
- * Stream-ordered on `stream`; capturable into a CUDA graph. */
-dd_status dd_cuda_layer_forward(dd_cuda_layer *layer, const uint16_t *d_x, uint16_t *d_y,
+ * x: [n_tok, d_in] fp16, y: [n_tok, d_out] fp16, device memory of the layer's device.
+ * Stream-ordered on `stream`; no allocation, no host synchronisation, no host->device copy:
+ * capturable into a CUDA graph.  DD_ERR_INVALID_ARGUMENT when ws is too small or on another
+ * device, or run was not made for this layer's SM count. */
+dd_status dd_cuda_layer_forward(const dd_cuda_layer *layer, const dd_cuda_run *run,
+                                dd_cuda_workspace *ws, const uint16_t *d_x, uint16_t *d_y,
                                 int32_t n_tok, int accumulate, void *stream);
-/* Indices the layer's current k_chunk selects for one token (host array of
- * dd_total_quota(d_in, k_chunk) entries, -1 padded); synchronises `stream`. */
-dd_status dd_cuda_layer_select(dd_cuda_layer *layer, const uint16_t *d_x, int32_t *h_idx,
+/* The indices run's k_chunk selects for one token, computed by the code the layer call runs
+ * (the fused kernel's warp selection when run->fused_ok, else the fork/join select kernel):
+ * h_idx gets run->k_total entries (-1 padded per chunk), *n_selected the valid ones;
+ * synchronises `stream`. */
+dd_status dd_cuda_layer_select(const dd_cuda_layer *layer, const dd_cuda_run *run,
+                               dd_cuda_workspace *ws, const uint16_t *d_x, int32_t *h_idx,
                                int32_t *n_selected, void *stream);
 
 /* ---- benchmark support (decdec.bench and csrc/cuda/tests) -------------------------------- */
@@ -120,20 +178,13 @@ enum {
 };
 dd_status dd_cuda_bench_create(const dd_shape *s, size_t rotate_bytes, uint64_t seed,
                                dd_cuda_bench **out);
-dd_status dd_cuda_bench_run(dd_cuda_bench *b, int mode, int32_t k_chunk, int32_t n_tb, int iters,
-                            int reps, double *us_per_call);
+/* variant: NULL = production kernels; otherwise the measurement variant (dd_cuda_variant above),
+ * passed to exactly this run: nothing process-global changes. */
+dd_status dd_cuda_bench_run(dd_cuda_bench *b, int mode, int32_t k_chunk, int32_t n_tb,
+                            const dd_cuda_variant *variant, int iters, int reps, double *us_per_call);
 /* bytes one call must move (qweight + scales + zeros), copies held, multiprocessors */
 dd_status dd_cuda_bench_info(const dd_cuda_bench *b, size_t *layer_bytes, int *n_copies, int *n_sm);
 dd_status dd_cuda_bench_destroy(dd_cuda_bench *b);
-/* Base GEMV variant for measurement (process-wide; 0/-1 restore the defaults): rows per lane
- * group (1, 2, 4; 0 = automatic), grid rule (0 = one block per resident slot, 1 = whole waves of
- * row groups, -1 = default). */
-void dd_cuda_bench_set_base_variant(int rows, int grid);
-/* Benchmark-only: the layer kernel's rows per lane group (0 = rule) and row-group hand-out (0 static,
- * 1 dynamic tickets on SMs - n_tb, 2 dynamic filling every free block slot; -1 = default). */
-void dd_cuda_bench_set_layer_variant(int rows, int mode);
-/* Test-only: cap the layer kernel's base blocks (0 = none), so small layers hand out many row groups. */
-void dd_cuda_bench_set_layer_grid_cap(int max_base_blocks);
 /* Bandwidth probes: HBM streaming read of `bytes` (GB/s), zero-copy read of pinned mapped host
  * memory by 2*zero_copy_blocks x 256 threads (GB/s), cudaMemcpy host->device from pinned memory (GB/s). */
 dd_status dd_cuda_bench_bandwidth(size_t bytes, int zero_copy_blocks, double *hbm_gbs,
