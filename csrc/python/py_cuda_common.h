@@ -11,10 +11,13 @@ typedef struct {
     int device;
     int raw;
     long long stream;     /* from __cuda_array_interface__; -1 when absent */
+    PyObject *keep;       /* new reference to what keeps ptr alive (DLPack owner, CAI object), or NULL */
 } dd_device_view;
 
 /* Parse a DeviceArray / __cuda_array_interface__ object / int pointer; -1 + exception. */
 int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v);
+/* Drop what the view keeps alive (after the call that used ptr has been enqueued). Idempotent. */
+void dd_py_device_view_release(dd_device_view *v);
 PyObject *dd_py_device_array_empty(int ndim, const Py_ssize_t *shape, int typenum);
 PyObject *dd_py_cuda_raise(dd_status st, const char *context);
 #endif
