@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from .fileio import atomic_write_text
+from .gpu import graph_iters, n_tb_choices
 
 SHAPES = [  # (d_in, d_out, what)
     (4096, 4096, "llama3-8b q/o"), (4096, 1024, "llama3-8b k/v"), (4096, 14336, "llama3-8b gate/up"),
@@ -25,7 +26,6 @@ SHAPES = [  # (d_in, d_out, what)
 ]
 K_CHUNKS = [0, 1, 2, 4, 8, 12, 16, 24, 32, 64]
 N_TBS = [4, 8, 16, 32]
-MODE_BASE, MODE_BASE_RESERVED, MODE_FUSED, MODE_SERIAL, MODE_READ, MODE_DEC_ONLY = range(6)
 
 
 def _commit() -> str:
@@ -34,10 +34,6 @@ def _commit() -> str:
                               cwd=os.path.dirname(__file__), check=True).stdout.strip()
     except Exception:  # not a checkout
         return "unknown"
-
-
-def _iters(copies: int) -> int:
-    return max(20, min(copies, 400))
 
 
 def _torch_peers(d_in: int, d_out: int, rotate_bytes: int, reps: int) -> dict:
@@ -82,7 +78,7 @@ def _torch_peers(d_in: int, d_out: int, rotate_bytes: int, reps: int) -> dict:
 
         def mk(w):
             return lambda: outs.__setitem__(0, torch.matmul(x, w.t()))
-        out["us_fp16"] = timed([mk(ws[i % copies]) for i in range(_iters(copies))])
+        out["us_fp16"] = timed([mk(ws[i % copies]) for i in range(graph_iters(copies))])
         out["fp16_bytes"] = nbytes
         del ws
     except Exception as e:  # report, never hide
@@ -101,7 +97,7 @@ def _torch_peers(d_in: int, d_out: int, rotate_bytes: int, reps: int) -> dict:
 
         def mk4(p):
             return lambda: res.__setitem__(0, torch._weight_int4pack_mm(x, p, gs, sz))
-        out["us_int4"] = timed([mk4(packs[i % copies]) for i in range(_iters(copies))])
+        out["us_int4"] = timed([mk4(packs[i % copies]) for i in range(graph_iters(copies))])
         out["int4_bytes"] = nbytes
     except Exception as e:
         out["int4_error"] = repr(e)[:200]
@@ -127,9 +123,9 @@ def bench_kernels(args) -> list[dict]:
         for bits in (3, 4):
             b = _C._cuda_bench_create(d_in, d_out, bits, 128)
             nbytes, copies, n_sm = _C._cuda_bench_info(b)
-            it = _iters(copies)
-            t_read = _C._cuda_bench_run(b, MODE_READ, 0, 0, it, args.reps)
-            t_base = _C._cuda_bench_run(b, MODE_BASE, 0, 0, it, args.reps)
+            it = graph_iters(copies)
+            t_read = _C._cuda_bench_run(b, _C.BENCH_READ, 0, 0, it, args.reps)
+            t_base = _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, it, args.reps)
             rec = {"kind": "base", "d_in": d_in, "d_out": d_out, "what": what, "bits": bits, "group_size": 128,
                    "bytes": nbytes, "copies": copies, "us": t_base, "us_read_same_bytes": t_read,
                    "fraction_of_read": t_read / t_base, "gbs": nbytes / t_base / 1e3,
@@ -149,13 +145,13 @@ def bench_kernels(args) -> list[dict]:
                   + (f"  fp16 {peers['us_fp16']:.2f} us (x{rec['speedup_over_fp16']:.2f})" if "us_fp16" in peers else "")
                   + (f"  int4 {peers['us_int4']:.2f} us (x{rec['speedup_over_int4']:.2f})" if "us_int4" in peers else ""),
                   flush=True)
-            for n_tb in N_TBS:
-                t_res = _C._cuda_bench_run(b, MODE_BASE_RESERVED, 0, n_tb, it, args.reps)
+            for n_tb in n_tb_choices(n_sm, N_TBS):
+                t_res = _C._cuda_bench_run(b, _C.BENCH_BASE_RESERVED, 0, n_tb, it, args.reps)
                 records.append({"kind": "base_reserved", "d_in": d_in, "d_out": d_out, "bits": bits,
                                 "n_tb": n_tb, "us": t_res, "slowdown": t_res / t_base - 1})
                 row = []
                 for k in k_chunks:
-                    t = _C._cuda_bench_run(b, MODE_FUSED, k, n_tb, it, args.reps) if k else t_base
+                    t = _C._cuda_bench_run(b, _C.BENCH_FUSED, k, n_tb, it, args.reps) if k else t_base
                     records.append({"kind": "dec", "d_in": d_in, "d_out": d_out, "bits": bits, "k_chunk": k,
                                     "n_tb": n_tb, "us": t, "overhead": t / t_base - 1,
                                     "pct_hbm": 100 * nbytes / t / 1e3 / hbm})

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import formats
 
-SCALE_CANDIDATES = 32
+SCALE_CANDIDATES = formats.RESIDUAL_SCALE_CANDIDATES
 
 
 @dataclass

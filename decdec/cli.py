@@ -179,8 +179,8 @@ def run_demo(eval_tokens: int = 1533, calib_windows: int = 8, method: str = "awq
               f"{gpu / 1e6:>8.1f} {fetched / 1e3:>18.1f}", file=out)
     print("(GPU MB: weights a GPU would hold, fp16 for float tensors; the cheatsheets stay in host "
           "memory and only the selected rows cross the bus)", file=out)
-    pipeline.set_compensation(m3, 16, "bucket")
-    text_out, stats = generate(m3, tok, DEMO_PROMPT, max_new_tokens, chat=True)
+    text_out, stats = generate(pipeline.with_compensation(m3, 16, "bucket"), tok, DEMO_PROMPT,
+                               max_new_tokens, chat=True)
     print("", file=out)
     print(f"3-bit + DecDEC k_chunk 16 > {DEMO_PROMPT}", file=out)
     print(f"  {text_out.strip()}", file=out)

@@ -83,7 +83,9 @@ def log_softmax(logits) -> np.ndarray:
 class EvalConfig:
     """One row of an evaluation: a model plus the DecDEC setting applied before running it.
 
-    model None means the reference model itself; k_chunk None leaves the model as it is."""
+    model None means the reference model itself.  k_chunk None runs the model as it is; otherwise
+    the row runs pipeline.with_compensation(model, k_chunk, selection), a copy sharing the weights,
+    and the model itself is never changed."""
     name: str
     model: object = None
     k_chunk: int | None = None
@@ -107,10 +109,14 @@ def evaluate(reference, configs, text_tokens, protocol: PerplexityProtocol | Non
     The reference runs once per window; every config runs on the same windows. Returns one dict per
     config: name, perplexity, kl, top1, n_tokens, seconds, plus the config's meta.
     """
-    from .pipeline import set_compensation
+    from .pipeline import with_compensation
     protocol = protocol or PerplexityProtocol()
     bos_id = reference.config.bos_id if bos_id is None else bos_id
     windows = eval_windows(text_tokens, protocol, bos_id)
+    # each config's model at its own settings, sharing the layers' weights: the caller's models are
+    # never changed, and configs sharing one model (3-bit at k_chunk 0, 8, 16) cannot disturb each other
+    models = [cfg.model if cfg.model is None or cfg.k_chunk is None
+              else with_compensation(cfg.model, cfg.k_chunk, cfg.selection or "bucket") for cfg in configs]
     accs = [_Acc() for _ in configs]
     ref_acc = _Acc()
     from tqdm.auto import tqdm
@@ -126,15 +132,13 @@ def evaluate(reference, configs, text_tokens, protocol: PerplexityProtocol | Non
         ref_acc.nll -= float(ref_lp[np.arange(len(rows)), targets].sum())
         ref_acc.n += len(rows)
         bar.update(1)
-        for cfg, acc in zip(configs, accs):
-            if cfg.model is None:
+        for cfg, model, acc in zip(configs, models, accs):
+            if model is None:
                 lp = ref_lp
                 dt = 0.0
             else:
-                if cfg.k_chunk is not None:
-                    set_compensation(cfg.model, cfg.k_chunk, cfg.selection or "bucket")
                 t0 = time.perf_counter()
-                lp = log_softmax(cfg.model.forward(ids)[:-1][first:])
+                lp = log_softmax(model.forward(ids)[:-1][first:])
                 dt = time.perf_counter() - t0
             acc.nll -= float(lp[np.arange(len(rows)), targets].sum())
             acc.kl += float((ref_p * (ref_lp - lp)).sum())

@@ -8,14 +8,44 @@ from __future__ import annotations
 
 import numpy as np
 
+# decdec.h's constants, mirrored (tests/test_constants.py checks each against decdec._C)
+FORMAT_VERSION = 1   # DD_FORMAT_VERSION: the storage formats below
 BLOCK = 128          # d_in is padded to a multiple of this
 CHUNK = 1024         # selection chunk width
 NUM_BUCKETS = 32
 OUT_ALIGN = 32       # d_out must be a multiple of this
 RESIDUAL_MAX_CODE = 7
 RESIDUAL_NIBBLE_BIAS = 8
+RESIDUAL_SCALE_CANDIDATES = 32   # residual scale: the MSE-best of this many candidates per channel
+N_TB_LIMIT = 1024    # DD_N_TB_LIMIT: the largest n_tb a CPU layer accepts
+N_TB_DEFAULT_CPU = 16            # a CPU layer's default n_tb (kept for when its weights go to a GPU)
 SUPPORTED_BITS = (3, 4)
 SUPPORTED_GROUP_SIZES = (64, 128)
+
+
+def n_tb_max(n_sm: int) -> int:
+    """dd_n_tb_max: DEC may hold at most all but one of a GPU's n_sm multiprocessors."""
+    if n_sm < 1:
+        raise ValueError(f"n_sm must be >= 1, got {n_sm}")
+    return max(1, n_sm - 1)
+
+
+def n_tb_default(n_sm: int) -> int:
+    """dd_n_tb_default: an eighth of the SMs (16 on a 132-SM H100/H200), within 1..n_tb_max."""
+    return min(max(n_sm // 8, 1), n_tb_max(n_sm))
+
+
+def check_n_tb(n_tb, n_sm: int | None = None) -> int:
+    """n_tb as an int if a layer accepts it: 1..n_tb_max(n_sm) on a GPU of n_sm SMs, 1..N_TB_LIMIT
+    for a CPU layer (n_sm None); ValueError (TypeError for a non-integer) otherwise, with the same
+    limits as the C binding."""
+    if isinstance(n_tb, bool) or not hasattr(n_tb, "__index__"):
+        raise TypeError(f"n_tb must be an int, got {type(n_tb).__name__}")
+    n_tb = int(n_tb)
+    hi, where = (N_TB_LIMIT, "a CPU layer") if n_sm is None else (n_tb_max(n_sm), f"a GPU of {n_sm} SMs")
+    if not 1 <= n_tb <= hi:
+        raise ValueError(f"n_tb must be in [1, {hi}] for {where}, got {n_tb}")
+    return n_tb
 
 
 def padded_in_features(d_in: int) -> int:
@@ -102,8 +132,9 @@ def unpack_residual(packed: np.ndarray) -> np.ndarray:
 
 
 def chunk_quotas(d_in: int, k_chunk: int) -> list[int]:
-    """Per-chunk selection quota (decdec.h): k_chunk per full chunk, a partial last chunk of length
-    L gets round_half_up(k_chunk * L / 1024), at most L."""
+    """Per-chunk selection quota (decdec.h, dd_chunk_quota): k_chunk per full chunk, a partial last
+    chunk of length L gets round_half_up(k_chunk * L / 1024), at most L.  The one Python definition
+    of the rule: every Python user calls this (or total_quota)."""
     if not 0 <= k_chunk <= CHUNK:
         raise ValueError(f"k_chunk must be in [0, {CHUNK}], got {k_chunk}")
     quotas = []
@@ -111,6 +142,11 @@ def chunk_quotas(d_in: int, k_chunk: int) -> list[int]:
         length = min(CHUNK, d_in - start)
         quotas.append(k_chunk if length == CHUNK else min(length, (k_chunk * length + CHUNK // 2) // CHUNK))
     return quotas
+
+
+def total_quota(d_in: int, k_chunk: int) -> int:
+    """dd_total_quota: channels a layer of width d_in selects per token."""
+    return sum(chunk_quotas(d_in, k_chunk))
 
 
 def bucket_floors(thresholds: np.ndarray, k_total: int) -> np.ndarray:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import awq as _awq
-from . import formats
 from .awq import INPUT_KINDS, INPUT_OF_LINEAR, LINEARS_OF_INPUT, LayerScales
 
 CALIB_CONTEXT = 512
@@ -172,15 +171,19 @@ class QuantizedModel:
         """LlamaWeights carrying the folded norms; linear matrices are the dequantized W_hat."""
         return _weights_with_blocks(self, dequantized=True)
 
+    def _linear_nbytes(self, k_chunk: int = 0):
+        """decdec.h's byte rule for every quantized linear (_C.layer_nbytes: the numbers a
+        DecLinear of that shape reports), one dict per linear."""
+        from . import _C
+        return [_C.layer_nbytes(ql.qweight.in_features, ql.qweight.out_features, ql.qweight.bits,
+                                ql.qweight.group_size, int(k_chunk))
+                for b in self.blocks for ql in b.linears.values()]
+
     def gpu_bytes(self) -> dict:
         """Bytes a GPU would hold: quantized linears (codes, scales, zeros, residual scales and
-        thresholds) and the fp16 embeddings / head / norms. Residual codes stay in host memory."""
-        lin = 0
-        for b in self.blocks:
-            for ql in b.linears.values():
-                qw = ql.qweight
-                lin += qw.qweight.nbytes + qw.scales.nbytes + qw.zeros.nbytes
-                lin += ql.cheatsheet.scales.nbytes + ql.thresholds.nbytes
+        thresholds: decdec.h's dd_weight_nbytes) and the fp16 embeddings / head / norms. Residual
+        codes stay in host memory."""
+        lin = sum(n["weight"] for n in self._linear_nbytes())
         c = self.config
         other = 2 * c.vocab_size * c.dim + 2 * c.dim * (2 * c.n_layers + 1)
         if self.lm_head is not self.tok_embeddings:
@@ -188,21 +191,12 @@ class QuantizedModel:
         return {"linears": int(lin), "other": int(other), "total": int(lin + other)}
 
     def residual_host_bytes(self) -> int:
-        return int(sum(ql.cheatsheet.codes.nbytes for b in self.blocks for ql in b.linears.values()))
+        """Bytes of the residual codes in host memory (dd_residual_nbytes summed)."""
+        return int(sum(n["residual"] for n in self._linear_nbytes()))
 
     def residual_bytes_per_token(self, k_chunk: int) -> int:
-        """Residual bytes fetched per decoded token at a uniform k_chunk (rows of d_out / 2 bytes)."""
-        total = 0
-        for b in self.blocks:
-            for ql in b.linears.values():
-                qw = ql.qweight
-                total += total_quota(qw.in_features, k_chunk) * (qw.out_features // 2)
-        return int(total)
-
-
-def total_quota(d_in: int, k_chunk: int) -> int:
-    """Channels a layer of width d_in selects per token (decdec.h's quota rule, formats.py)."""
-    return sum(formats.chunk_quotas(d_in, k_chunk))
+        """Residual bytes fetched per decoded token at a uniform k_chunk (dd_fetch_nbytes summed)."""
+        return int(sum(n["fetch"] for n in self._linear_nbytes(k_chunk)))
 
 
 def _weights_with_blocks(qm: QuantizedModel, dequantized: bool):
@@ -230,11 +224,30 @@ def build_model(qm: QuantizedModel, k_chunk: int = 0, selection: str = "bucket",
 
 
 def set_compensation(model, k_chunk: int, selection: str = "bucket") -> None:
-    """Set k_chunk and selection on every DecLinear of a model built by build_model."""
+    """Set k_chunk and selection on every DecLinear of a model built by build_model, in place.
+    Settings apply at once; a call already running keeps the settings it started with.  To run
+    several settings side by side (or from several threads) use with_compensation instead."""
     for lin in model.linears.values():
         if hasattr(lin, "k_chunk"):
             lin.k_chunk = int(k_chunk)
             lin.selection = selection
+
+
+def with_compensation(model, k_chunk: int, selection: str = "bucket"):
+    """A LlamaModel sharing `model`'s weights whose DecLinears run at k_chunk / selection:
+    `DecLinear.with_settings` (the layers' weights are shared, not copied or uploaded again).
+    `model` itself is left as it is.  Linear layers without run settings (dense stand-ins) are
+    shared as they are; one with a k_chunk but no with_settings is refused (TypeError)."""
+    from .model import LlamaModel
+    linears = {}
+    for key, lin in model.linears.items():
+        if hasattr(lin, "with_settings"):
+            lin = lin.with_settings(k_chunk=int(k_chunk), selection=selection)
+        elif hasattr(lin, "k_chunk"):
+            raise TypeError(f"linear {key} has a k_chunk but no with_settings(): cannot derive its "
+                            f"settings without changing it (use set_compensation)")
+        linears[key] = lin
+    return LlamaModel(model.weights, linears)
 
 
 # ----------------------------------------------------------------------------------- quantization

@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from . import formats
 from .fileio import atomic_write_text
 
 
@@ -68,8 +69,13 @@ def tune(modules: list[Module], bits: int, target: float, measure: Callable[[Mod
         raise ValueError("no modules to tune")
     if not target > 0:
         raise ValueError(f"target must be a positive fraction (0.025 = 2.5%), got {target}")
-    if k_step < 1 or k_max < 1 or k_max > 1024:
-        raise ValueError("k_step must be >= 1 and k_max in [1, 1024]")
+    if k_step < 1 or k_max < 1 or k_max > formats.CHUNK:
+        raise ValueError(f"k_step must be >= 1 and k_max in [1, {formats.CHUNK}]")
+    n_tbs = tuple(n_tbs)
+    if not n_tbs:
+        raise ValueError("n_tbs is empty")
+    for n_tb in n_tbs:
+        formats.check_n_tb(n_tb)
     cache: dict[tuple, float] = {}
 
     def t(m: Module, n_tb: int, k: int) -> float:
@@ -119,19 +125,36 @@ def tune(modules: list[Module], bits: int, target: float, measure: Callable[[Mod
     return TuneResult(n_tb, ks, base, tuned, target, len(cache), trace)
 
 
-def apply(result: TuneResult, linears: dict, groups: dict = LLAMA_GROUPS) -> int:
+def apply(result: TuneResult, linears: dict, groups: dict = LLAMA_GROUPS, n_sm: int | None = None) -> int:
     """Set k_chunk and n_tb on DecLinear objects of a model ({(layer, name): DecLinear}); returns
-    how many were set.  Layers whose name is in no group are left alone."""
+    how many were set.  Layers whose name is in no group are left alone.
+
+    Every setting is checked first, with the limits of the C binding (formats.check_n_tb: a CUDA
+    layer takes 1..n_tb_max(SMs of its GPU; `n_sm`, default: `_C.cuda_sm_count()`), a CPU layer
+    1..N_TB_LIMIT; k_chunk 0..CHUNK), so a result that does not fit raises ValueError and changes
+    nothing.  The layers are changed in place (each call of a layer uses the settings it started
+    with); use `DecLinear.with_settings` for a tuned copy that leaves the originals alone."""
     by_name = {name: g for g, names in groups.items() for name in names}
-    n = 0
-    for (_, name), layer in linears.items():
-        g = by_name.get(name)
+    chosen = []
+    for key, layer in linears.items():
+        g = by_name.get(key[1])
         if g is None or g not in result.k_chunk:
             continue
-        layer.k_chunk = result.k_chunk[g]
-        layer.n_tb = result.n_tb
-        n += 1
-    return n
+        k = int(result.k_chunk[g])
+        if not 0 <= k <= formats.CHUNK:
+            raise ValueError(f"k_chunk {k} for {key} is outside [0, {formats.CHUNK}]")
+        if getattr(layer, "backend", "cpu") == "cuda":
+            if n_sm is None:
+                from .gpu import sm_count
+                n_sm = sm_count()
+            n_tb = formats.check_n_tb(result.n_tb, n_sm)
+        else:
+            n_tb = formats.check_n_tb(result.n_tb)
+        chosen.append((layer, k, n_tb))
+    for layer, k, n_tb in chosen:
+        layer.k_chunk = k
+        layer.n_tb = n_tb
+    return len(chosen)
 
 
 class GpuMeasure:
@@ -154,14 +177,14 @@ class GpuMeasure:
         return self._times[memo]
 
     def _time(self, m: Module, bits: int, n_tb: int, k_chunk: int) -> float:
-        from .bench import MODE_BASE, MODE_FUSED, _iters
+        from .gpu import graph_iters
         key = (m.d_in, m.d_out, bits)
         if key not in self._benches:
             b = self._C._cuda_bench_create(m.d_in, m.d_out, bits, 128)
             _, copies, _ = self._C._cuda_bench_info(b)
-            self._benches[key] = (b, _iters(copies))
+            self._benches[key] = (b, graph_iters(copies))
         b, iters = self._benches[key]
-        mode = MODE_FUSED if k_chunk else MODE_BASE
+        mode = self._C.BENCH_FUSED if k_chunk else self._C.BENCH_BASE
         return self._C._cuda_bench_run(b, mode, k_chunk, n_tb, iters, self.reps)
 
 
@@ -174,12 +197,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     measure = GpuMeasure()
+    from .gpu import n_tb_choices, sm_count
+    n_tbs = n_tb_choices(sm_count())  # 4, 8, 16, 32 where the GPU has the SMs for them
     modules = llama_modules(**PRESETS[args.preset])
     results = []
     print("| preset | bits | target | n_tb | k_chunk (qkv, o, gate_up, down) | base us/block | tuned us | slowdown |")
     print("|---|---|---|---|---|---|---|---|")
     for target in (float(v) for v in args.targets.split(",")):
-        r = tune(modules, args.bits, target, measure)
+        r = tune(modules, args.bits, target, measure, n_tbs=n_tbs)
         ks = ", ".join(str(r.k_chunk[g]) for g in ("qkv", "o", "gate_up", "down"))
         print(f"| {args.preset} | {args.bits} | {100 * target:.1f}% | {r.n_tb} | {ks} | {r.base_us:.2f} | "
               f"{r.tuned_us:.2f} | {100 * r.slowdown:+.2f}% |", flush=True)

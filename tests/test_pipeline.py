@@ -128,18 +128,40 @@ def test_three_and_a_half_bits(tiny, quantized):
 
 
 def test_byte_accounting(quantized):
+    """Hand-derived bytes of the tiny model (4 blocks; wq/wo 96->96, wk/wv 96->32, gate/up 96->160,
+    down 160->96; group 128, d_in padded to 128 / 256), and the same totals from the arrays the
+    quantizer actually produced."""
     _, qms = quantized
     qm = qms[3]
     c = qm.config
-    # wq: d_in 96 -> one partial chunk of 96: quota round(8 * 96 / 1024) = 1 row of d_out/2 bytes
-    assert pipeline.total_quota(96, 8) == 1 and pipeline.total_quota(1536, 8) == 12
-    assert pipeline.total_quota(2048, 8) == 16 and pipeline.total_quota(576, 16) == 9
-    expect = sum(pipeline.total_quota(ql.qweight.in_features, 8) * ql.qweight.out_features // 2
-                 for b in qm.blocks for ql in b.linears.values())
-    assert qm.residual_bytes_per_token(8) == expect
+    # per token at k_chunk 8: a partial chunk of 96 or 160 takes round(8 * L / 1024) = 1 row of
+    # d_out / 2 bytes: 48 + 16 + 16 + 48 + 80 + 80 + 48 = 336 per block
+    assert qm.residual_bytes_per_token(8) == 4 * 336
+    # k_chunk 16: 2 rows of the 96-wide inputs, round(16 * 160 / 1024) = 3 rows of w_down's 48 bytes:
+    # 96 + 32 + 32 + 96 + 160 + 160 + 144 = 720 per block
+    assert qm.residual_bytes_per_token(16) == 4 * 720
     assert qm.residual_bytes_per_token(0) == 0
-    assert qms[4].gpu_bytes()["linears"] > qms[3].gpu_bytes()["linears"]
-    assert qm.gpu_bytes()["other"] == 2 * c.vocab_size * c.dim * 2 + 2 * c.dim * (2 * c.n_layers + 1)
+    # residual codes in host memory, d_in * d_out / 2 per linear:
+    # 2 * 96*48 + 2 * 96*16 + 2 * 96*80 + 160*48 = 35328 per block
+    assert qm.residual_host_bytes() == 4 * 35328
+    # GPU-resident per linear: d_out * d_in_pad * bits / 8 + 4 * d_out * groups (fp16 scales and
+    # zeros) + 4 * d_in (thresholds) + 2 * d_out (residual scales).  3 bit:
+    # wq/wo 5568, wk/wv 2112, gate/up 9024, down 96*96 + 768 + 640 + 192 = 10816 -> 44224 per block
+    # 4 bit: wq/wo 7104, wk/wv 2624, gate/up 11584, down 13888 -> 56512 per block
+    assert qms[3].gpu_bytes()["linears"] == 4 * 44224
+    assert qms[4].gpu_bytes()["linears"] == 4 * 56512
+    assert qms[3.5].gpu_bytes()["linears"] == 2 * 44224 + 2 * 56512
+    # the same numbers from the arrays themselves
+    for q in qms.values():
+        lins = [ql for b in q.blocks for ql in b.linears.values()]
+        assert q.gpu_bytes()["linears"] == sum(
+            ql.qweight.qweight.nbytes + ql.qweight.scales.nbytes + ql.qweight.zeros.nbytes
+            + ql.cheatsheet.scales.nbytes + ql.thresholds.nbytes for ql in lins)
+        assert q.residual_host_bytes() == sum(ql.cheatsheet.codes.nbytes for ql in lins)
+    # fp16 embeddings + untied head (300 x 96 each) + 2 norms per block + the final norm
+    assert c.vocab_size == 300 and c.dim == 96 and c.n_layers == 4 and not c.tie_embeddings
+    assert qm.gpu_bytes()["other"] == 2 * 300 * 96 * 2 + 2 * 96 * 9
+    assert qm.gpu_bytes()["total"] == qm.gpu_bytes()["linears"] + qm.gpu_bytes()["other"]
 
 
 def test_bad_arguments(tiny):
