@@ -64,6 +64,81 @@ def test_apply_sets_k_chunk_and_n_tb_on_declinear():
     assert linears[(0, "lm_head")].k_chunk == 0 and linears[(0, "lm_head")].n_tb == 16
 
 
+def _cpu_layers():
+    rng = np.random.default_rng(4)
+    _, qw, cs, t = random_layer(rng, 64, 256, 3, 128)
+    from decdec.layer import make_declinear
+    return {(0, "wq"): make_declinear(qw, cs, t), (0, "w_down"): make_declinear(qw, cs, t)}
+
+
+@pytest.mark.parametrize("n_tb", [0, -3, 1025])
+def test_apply_refuses_an_n_tb_the_binding_refuses_and_changes_nothing(n_tb):
+    linears = _cpu_layers()
+    r = T.TuneResult(n_tb, {"qkv": 12, "down": 5}, 1.0, 1.0, 0.05, 0)
+    with pytest.raises(ValueError, match=r"n_tb must be in \[1, 1024\]"):
+        T.apply(r, linears)
+    assert [(lin.k_chunk, lin.n_tb) for lin in linears.values()] == [(0, 16), (0, 16)]
+    for lin in linears.values():  # the C setter draws the same line
+        with pytest.raises(ValueError):
+            lin.n_tb = n_tb
+
+
+def test_apply_limits_cuda_layers_by_their_sm_count():
+    class FakeCudaLayer:  # only what apply looks at
+        backend = "cuda"
+        k_chunk, n_tb = 0, 2
+
+    layers = {(0, "wq"): FakeCudaLayer(), (0, "wo"): FakeCudaLayer()}
+    # a 16-SM MIG slice: n_tb_max = 15
+    with pytest.raises(ValueError, match=r"n_tb must be in \[1, 15\] for a GPU of 16 SMs"):
+        T.apply(T.TuneResult(16, {"qkv": 8, "o": 8}, 1.0, 1.0, 0.05, 0), layers, n_sm=16)
+    assert all(lin.k_chunk == 0 and lin.n_tb == 2 for lin in layers.values())
+    assert T.apply(T.TuneResult(15, {"qkv": 8, "o": 4}, 1.0, 1.0, 0.05, 0), layers, n_sm=16) == 2
+    assert (layers[(0, "wq")].k_chunk, layers[(0, "wq")].n_tb) == (8, 15)
+    assert (layers[(0, "wo")].k_chunk, layers[(0, "wo")].n_tb) == (4, 15)
+
+
+def test_apply_refuses_a_k_chunk_out_of_range():
+    linears = _cpu_layers()
+    with pytest.raises(ValueError, match="k_chunk 1025"):
+        T.apply(T.TuneResult(8, {"qkv": 1025, "down": 5}, 1.0, 1.0, 0.05, 0), linears)
+    assert all(lin.k_chunk == 0 for lin in linears.values())
+
+
+def test_tune_rejects_bad_n_tbs():
+    with pytest.raises(ValueError, match="n_tbs is empty"):
+        T.tune(MODULES, 3, 0.05, lambda *a: 1.0, n_tbs=())
+    with pytest.raises(ValueError, match="n_tb must be in"):
+        T.tune(MODULES, 3, 0.05, lambda *a: 1.0, n_tbs=(0, 8))
+
+
+def test_n_tb_choices_fit_the_gpu():
+    from decdec.gpu import graph_iters, n_tb_choices
+    assert n_tb_choices(132) == (4, 8, 16, 32)
+    assert n_tb_choices(16) == (4, 8)          # n_tb_max 15
+    assert n_tb_choices(4) == (1,)             # none of 4..32 fits: the default, 4 // 8 -> 1
+    assert n_tb_choices(33) == (4, 8, 16, 32)  # 32 = n_tb_max(33)
+    assert [graph_iters(c) for c in (1, 20, 77, 400, 5000)] == [20, 20, 77, 400, 400]
+
+
+def test_gpu_measure_passes_the_extensions_modes(monkeypatch):
+    """GpuMeasure names the benchmark modes by _C's constants, not by position."""
+    calls = []
+    fake = {"built_with_cuda": lambda: True, "cuda_available": lambda: True,
+            "BENCH_BASE": 1000, "BENCH_FUSED": 1002,
+            "_cuda_bench_create": lambda d_in, d_out, bits, gs: ("bench", d_in, d_out, bits, gs),
+            "_cuda_bench_info": lambda b: (123, 77, 132),
+            "_cuda_bench_run": lambda b, mode, k, n_tb, iters, reps: calls.append(
+                (b, mode, k, n_tb, iters, reps)) or 10.0 + k}
+    for name, value in fake.items():
+        monkeypatch.setattr(decdec._C, name, value, raising=False)
+    m = T.GpuMeasure(reps=3)
+    mod = T.Module("o", 256, 512)
+    assert m(mod, 3, 8, 0) == 10.0 and m(mod, 3, 8, 4) == 14.0
+    assert calls == [(("bench", 256, 512, 3, 128), 1000, 0, 8, 77, 3),
+                     (("bench", 256, 512, 3, 128), 1002, 4, 8, 77, 3)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (decdec.built_with_cuda() and decdec.cuda_available()), reason="needs a GPU")
 def test_tune_on_the_gpu():
