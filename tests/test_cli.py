@@ -35,11 +35,25 @@ def test_eval_prints_the_library_numbers(artifact, tmp_path, capsys):
 
 
 def test_generate_from_artifact(artifact, capsys):
-    rc = cli.main(["generate", "Hello", "--artifact", str(artifact), "--max-new-tokens", "5",
+    """Greedy generation prints exactly the tokens an independent greedy loop picks: full forward
+    passes over the whole sequence (no KV cache), argmax, stop at EOS, at the CLI's defaults
+    (k_chunk 8, bucket selection)."""
+    rc = cli.main(["generate", "Hello", "--artifact", str(artifact), "--max-new-tokens", "6",
                    "--greedy", "--raw"])
     assert rc == 0
     captured = capsys.readouterr()
-    assert "tok/s" in captured.err
+    qm = artifacts.load(artifact)
+    tok = qm.tokenizer
+    model = pipeline.build_model(qm, 8, "bucket")
+    ids, new = [int(i) for i in tok.encode("Hello")], []
+    for _ in range(6):
+        nxt = int(np.argmax(model.forward(np.asarray(ids + new))[-1]))
+        if nxt in tok.stop_ids:
+            break
+        new.append(nxt)
+    assert captured.out == tok.decode(new, skip_special_tokens=True) + "\n"
+    stopped = "max_new_tokens" if len(new) == 6 else "eos"
+    assert f"[{len(new)} tokens, prefill " in captured.err and f"stopped by {stopped}]" in captured.err
 
 
 def test_missing_artifact_is_a_clear_error(tmp_path, capsys):
@@ -70,10 +84,19 @@ def test_bench_dispatches_lazily(monkeypatch):
     assert seen["argv"] == ["--layers", "x"]
 
 
-def test_parser_lists_every_command():
+def test_parser_commands_and_their_handlers():
     p = cli.build_parser()
-    for cmd in ("fetch", "quantize", "eval", "generate", "demo", "bench"):
-        assert cmd in p.format_help()
+    sub = next(a for a in p._actions if a.dest == "command")
+    assert set(sub.choices) == {"fetch", "quantize", "eval", "generate", "demo", "bench", "tune"}
+    cases = {("fetch",): cli.cmd_fetch, ("quantize", "--out", "x"): cli.cmd_quantize,
+             ("eval", "t.txt", "--artifact", "a"): cli.cmd_eval, ("generate", "hi"): cli.cmd_generate,
+             ("demo",): cli.cmd_demo}
+    for argv, func in cases.items():
+        assert p.parse_args(list(argv)).func is func, argv
+    a = p.parse_args(["quantize", "--bits", "3.5", "--out", "x", "--method", "rtn"])
+    assert (a.bits, a.method, a.group_size, a.out) == (3.5, "rtn", 128, "x")
+    a = p.parse_args(["eval", "t.txt", "--artifact", "a"])
+    assert (a.k_chunk, a.selection, a.tokens, a.context, a.stride) == (8, "bucket", 2044, 512, None)
 
 
 def test_shipped_texts():

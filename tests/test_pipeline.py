@@ -164,6 +164,27 @@ def test_byte_accounting(quantized):
     assert qm.gpu_bytes()["total"] == qm.gpu_bytes()["linears"] + qm.gpu_bytes()["other"]
 
 
+def test_with_compensation_shares_weights_and_leaves_the_model_alone(quantized):
+    _, qms = quantized
+    qm = qms[3]
+    tokens = np.random.default_rng(11).integers(0, 256, 12)
+    model = pipeline.build_model(qm, 0)
+    k8 = pipeline.with_compensation(model, 8, "exact")
+    assert k8.weights is model.weights
+    for key, lin in model.linears.items():
+        assert (lin.k_chunk, lin.selection) == (0, "bucket")
+        assert (k8.linears[key].k_chunk, k8.linears[key].selection) == (8, "exact")
+        # with_settings: the same residual buffer, not a copy
+        assert np.shares_memory(k8.linears[key].residual_codes, lin.residual_codes)
+    np.testing.assert_array_equal(k8.forward(tokens), pipeline.build_model(qm, 8, "exact").forward(tokens))
+    np.testing.assert_array_equal(model.forward(tokens), pipeline.build_model(qm, 0).forward(tokens))
+    # evaluate runs its configs on such copies: the model it was given keeps its settings
+    evaluate(LlamaModel(pipeline._weights_with_blocks(qm, dequantized=True)),
+             [EvalConfig("k16", model, 16, "bucket")], tokens, PerplexityProtocol(8, 7, 7),
+             bos_id=0, progress=False)
+    assert all(lin.k_chunk == 0 for lin in model.linears.values())
+
+
 def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="method"):
         pipeline.quantize_model(tiny, calib_tokens(), 3, method="gptq")
