@@ -16,9 +16,12 @@
 
 #ifdef __CUDACC__
 #define DD_HD __host__ __device__ __attribute__((always_inline))
-#define DD_UNROLL _Pragma("unroll")
 #else
 #define DD_HD
+#endif
+#ifdef __CUDA_ARCH__ /* device pass only: host compilers do not know the pragma */
+#define DD_UNROLL _Pragma("unroll")
+#else
 #define DD_UNROLL
 #endif
 
