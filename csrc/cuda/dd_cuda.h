@@ -39,7 +39,9 @@ dd_status dd_cuda_memcpy(void *dst, const void *src, size_t bytes, int kind, voi
 dd_status dd_cuda_memset(void *ptr, int value, size_t bytes, void *stream);
 dd_status dd_cuda_stream_synchronize(void *stream);
 dd_status dd_cuda_device_synchronize(void);
-/* Pinned host memory mapped into the device address space (the residual cheatsheet's home). */
+/* Pinned host memory mapped into the device address space (the residual cheatsheet's home):
+ * dd_host_alloc(bytes, want_pinned=1) that fails (DD_ERR_NO_DEVICE) instead of falling back to
+ * pageable memory; dd_cuda_host_free = dd_host_free(ptr, 1).  One pinned allocator. */
 dd_status dd_cuda_host_alloc_mapped(void **host_ptr, size_t bytes);
 dd_status dd_cuda_host_free(void *host_ptr);
 dd_status dd_cuda_host_device_pointer(const void *host_ptr, void **device_ptr);
@@ -151,7 +153,8 @@ dd_status dd_cuda_layer_forward(const dd_cuda_layer *layer, const dd_cuda_run *r
                                 dd_cuda_workspace *ws, const uint16_t *d_x, uint16_t *d_y,
                                 int32_t n_tok, int accumulate, void *stream);
 /* The indices run's k_chunk selects for one token, computed by the code the layer call runs
- * (the fused kernel's warp selection when run->fused_ok, else the fork/join select kernel):
+ * (the fused kernel's warp selection when run->fused_ok and run->path is not DD_PATH_FORKJOIN,
+ * else the fork/join select kernel; both select the same set):
  * h_idx gets run->k_total entries (-1 padded per chunk), *n_selected the valid ones;
  * synchronises `stream`. */
 dd_status dd_cuda_layer_select(const dd_cuda_layer *layer, const dd_cuda_run *run,
@@ -160,8 +163,8 @@ dd_status dd_cuda_layer_select(const dd_cuda_layer *layer, const dd_cuda_run *ru
 
 /* ---- benchmark support (decdec.bench and csrc/cuda/tests) -------------------------------- */
 /* A bench session holds enough copies of one random layer (qweight|scales|zeros contiguous per
- * copy) to rotate far past the L2, a pinned random residual, random inputs, and a layer object
- * whose weight pointers it swaps per call.  Times are medians over `reps` replays of a CUDA
+ * copy) to rotate far past the L2, a pinned random residual, random inputs, one immutable layer
+ * (run per call on a shallow view holding copy i's weight pointers) and one workspace.  Times are medians over `reps` replays of a CUDA
  * graph of `iters` calls, timed with CUDA events, reported in microseconds per call. */
 typedef struct dd_cuda_bench dd_cuda_bench;
 enum {
