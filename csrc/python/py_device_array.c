@@ -60,18 +60,19 @@ PyObject *dd_py_cuda_raise(dd_status st, const char *context) {
 }
 
 /* Bytes of an ndim-D array of typenum: -1 + ValueError on a negative dimension or overflow. */
-static int array_nbytes(int ndim, const Py_ssize_t *shape, int typenum, size_t *nbytes) {
+static int array_nbytes(int ndim, const Py_ssize_t *shape, int typenum, size_t *nbytes, const char *name) {
+    if (!name) name = "DeviceArray";
     PyArray_Descr *descr = PyArray_DescrFromType(typenum);
     if (!descr) return -1;
     size_t n = (size_t)PyDataType_ELSIZE(descr);
     Py_DECREF(descr);
     for (int d = 0; d < ndim; d++) {
         if (shape[d] < 0) {
-            PyErr_Format(PyExc_ValueError, "negative dimension %zd", shape[d]);
+            PyErr_Format(PyExc_ValueError, "%s: negative dimension %zd", name, shape[d]);
             return -1;
         }
         if (shape[d] != 0 && n > (size_t)PY_SSIZE_T_MAX / (size_t)shape[d]) {
-            PyErr_SetString(PyExc_ValueError, "array size overflows (shape too large)");
+            PyErr_Format(PyExc_ValueError, "%s: array size overflows (shape too large)", name);
             return -1;
         }
         n *= (size_t)shape[d];
@@ -86,7 +87,7 @@ static DeviceArrayObject *device_array_new(int ndim, const Py_ssize_t *shape, in
         PyErr_Format(PyExc_ValueError, "DeviceArray is 1-D or 2-D, got %d dimensions", ndim);
         return NULL;
     }
-    if (array_nbytes(ndim, shape, typenum, &nbytes) < 0) return NULL;
+    if (array_nbytes(ndim, shape, typenum, &nbytes, NULL) < 0) return NULL;
     DeviceArrayObject *a = PyObject_New(DeviceArrayObject, &DeviceArray_Type);
     if (!a) return NULL;
     a->ptr = NULL;
@@ -435,7 +436,7 @@ static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
         v->shape[d] = (Py_ssize_t)t->shape[d];
     }
     size_t nbytes;
-    if (array_nbytes(v->ndim, v->shape, v->typenum, &nbytes) < 0) return -1;
+    if (array_nbytes(v->ndim, v->shape, v->typenum, &nbytes, name) < 0) return -1;
     if (t->strides) { /* strides are in elements; only C-contiguous layouts are accepted */
         int64_t want = 1;
         for (int d = v->ndim - 1; d >= 0; d--) {
@@ -530,7 +531,11 @@ static int cai_view(PyObject *obj, PyObject *cai, const char *name, dd_device_vi
         v->shape[d] = (Py_ssize_t)e;
     }
     const char *tss = PyUnicode_AsUTF8(ts);
-    if (!tss) return -1;
+    if (!tss) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'typestr' is not valid UTF-8", name);
+        return -1;
+    }
     v->typenum = typenum_of(tss);
     if (v->typenum < 0) {
         PyErr_Format(PyExc_TypeError, "%s: unsupported typestr %R (float16 '<f2', float32 '<f4', uint8 "
@@ -538,7 +543,7 @@ static int cai_view(PyObject *obj, PyObject *cai, const char *name, dd_device_vi
         return -1;
     }
     size_t nbytes;
-    if (array_nbytes(v->ndim, v->shape, v->typenum, &nbytes) < 0) return -1;
+    if (array_nbytes(v->ndim, v->shape, v->typenum, &nbytes, name) < 0) return -1;
     PyObject *p = PyTuple_GET_ITEM(data, 0), *ro = PyTuple_GET_ITEM(data, 1);
     if (!PyLong_Check(p) || PyBool_Check(p) || !PyBool_Check(ro)) {
         PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'data' must be a tuple "
@@ -550,7 +555,11 @@ static int cai_view(PyObject *obj, PyObject *cai, const char *name, dd_device_vi
         return -1;
     }
     v->ptr = PyLong_AsVoidPtr(p);
-    if (PyErr_Occurred()) return -1;
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: malformed __cuda_array_interface__: the pointer does not fit", name);
+        return -1;
+    }
     v->read_only = ro == Py_True;
     if (strides && strides != Py_None) { /* only C-contiguous strides are accepted */
         if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
@@ -597,7 +606,11 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
             return -1;
         }
         v->ptr = PyLong_AsVoidPtr(obj);
-        if (PyErr_Occurred()) return -1;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s: the int does not fit a device pointer", name);
+            return -1;
+        }
         v->raw = 1;
         v->ndim = -1;
         v->typenum = -1;
