@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "../decdec.h"
+#include "../dd_rules.h"
 
 const char *dd_strerror(dd_status status) {
     switch (status) {
@@ -42,18 +43,40 @@ size_t dd_residual_row_bytes(const dd_shape *s) { return (size_t)s->d_out / 2; }
 int32_t dd_num_chunks(int32_t d_in) { return (d_in + DD_CHUNK - 1) / DD_CHUNK; }
 
 int32_t dd_chunk_quota(int32_t d_in, int32_t chunk, int32_t k_chunk) {
-    int32_t start = chunk * DD_CHUNK;
-    int32_t len = d_in - start < DD_CHUNK ? d_in - start : DD_CHUNK;
-    if (len <= 0 || k_chunk <= 0) return 0;
-    if (len == DD_CHUNK) return k_chunk;
-    int64_t k = ((int64_t)k_chunk * len + DD_CHUNK / 2) / DD_CHUNK; /* round half up */
-    return (int32_t)(k > len ? len : k);
+    return dd_rule_chunk_quota(d_in, chunk, k_chunk);
 }
 
 int32_t dd_total_quota(int32_t d_in, int32_t k_chunk) {
-    int32_t total = 0;
-    for (int32_t c = 0; c < dd_num_chunks(d_in); c++) total += dd_chunk_quota(d_in, c, k_chunk);
-    return total;
+    if (d_in <= 0 || k_chunk <= 0) return 0;
+    if (k_chunk <= DD_CHUNK && d_in <= INT32_MAX - DD_CHUNK) return dd_rule_total_quota(d_in, k_chunk);
+    /* outside the closed form's domain: the defining sum, saturated */
+    int64_t total = 0;
+    const int32_t n_chunks = (int32_t)(((int64_t)d_in + DD_CHUNK - 1) / DD_CHUNK);
+    for (int32_t c = 0; c < n_chunks; c++) total += dd_rule_chunk_quota(d_in, c, k_chunk);
+    return total > INT32_MAX ? INT32_MAX : (int32_t)total;
+}
+
+int32_t dd_n_tb_max(int32_t n_sm) { return n_sm - 1 > 1 ? n_sm - 1 : 1; }
+
+int32_t dd_n_tb_default(int32_t n_sm) {
+    const int32_t hi = dd_n_tb_max(n_sm), n = n_sm / 8;
+    return n < 1 ? 1 : n > hi ? hi : n;
+}
+
+size_t dd_weight_nbytes(const dd_shape *s) {
+    if (dd_shape_check(s) != DD_OK) return 0;
+    const size_t d_out = (size_t)s->d_out, ng = (size_t)dd_num_groups(s);
+    return d_out * dd_qweight_row_bytes(s) + 4 * d_out * ng + 4 * (size_t)s->d_in + 2 * d_out;
+}
+
+size_t dd_residual_nbytes(const dd_shape *s) {
+    if (dd_shape_check(s) != DD_OK) return 0;
+    return (size_t)s->d_in * (size_t)s->d_out / 2;
+}
+
+size_t dd_fetch_nbytes(const dd_shape *s, int32_t k_chunk) {
+    if (dd_shape_check(s) != DD_OK) return 0;
+    return (size_t)dd_total_quota(s->d_in, k_chunk) * (size_t)(s->d_out / 2);
 }
 
 void dd_bucket_floors(const float *t, int32_t k_total, float f[DD_NUM_BUCKETS]) {

@@ -12,7 +12,10 @@ dd_status dd_cpu_forward(const dd_shape *s, const uint8_t *qweight, const uint16
     if (st != DD_OK || k_chunk == 0 || n_tok == 0) return st;
     const int32_t k_total = dd_total_quota(s->d_in, k_chunk);
     if (k_total == 0) return DD_OK;
+    /* the error of the lowest failing token wins (deterministic); written under a critical
+     * section, entered only on failure */
     int failed = DD_OK;
+    int32_t failed_at = n_tok;
     const int parallel = n_tok >= 8;
     (void)parallel;
 #ifdef _OPENMP
@@ -20,13 +23,23 @@ dd_status dd_cpu_forward(const dd_shape *s, const uint8_t *qweight, const uint16
 #endif
     for (int32_t t = 0; t < n_tok; t++) {
         int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)k_total);
-        if (!idx) { failed = DD_ERR_OUT_OF_MEMORY; continue; }
-        int32_t n = 0;
-        const float *xt = x + (size_t)t * s->d_in;
-        dd_status ts = dd_cpu_select(xt, s->d_in, thresholds, k_chunk, mode, idx, &n);
-        if (ts == DD_OK) ts = dd_cpu_residual_gemv(s, rcodes, rscales, xt, idx, n, y + (size_t)t * s->d_out);
-        if (ts != DD_OK) failed = ts;
-        free(idx);
+        dd_status ts = DD_ERR_OUT_OF_MEMORY;
+        if (idx) {
+            int32_t n = 0;
+            const float *xt = x + (size_t)t * s->d_in;
+            ts = dd_cpu_select(xt, s->d_in, thresholds, k_chunk, mode, idx, &n);
+            if (ts == DD_OK) ts = dd_cpu_residual_gemv(s, rcodes, rscales, xt, idx, n, y + (size_t)t * s->d_out);
+            free(idx);
+        }
+        if (ts != DD_OK) {
+#ifdef _OPENMP
+#pragma omp critical(dd_cpu_forward_failed)
+#endif
+            if (t < failed_at) {
+                failed_at = t;
+                failed = ts;
+            }
+        }
     }
     return (dd_status)failed;
 }

@@ -83,7 +83,13 @@ dd_status dd_cpu_gemv_base(const dd_shape *s, const uint8_t *qweight, const uint
 #endif
     for (int32_t blk = 0; blk < n_blocks; blk++) {
         float *w = (float *)malloc(sizeof(float) * (size_t)d_in_pad * DD_ROWS);
-        if (!w) { failed = 1; continue; }
+        if (!w) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+            continue;
+        }
         const int32_t o0 = blk * DD_ROWS;
         const int32_t rows = d_out - o0 < DD_ROWS ? d_out - o0 : DD_ROWS;
         for (int32_t r = 0; r < rows; r++)

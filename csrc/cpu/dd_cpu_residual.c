@@ -5,12 +5,16 @@
 #include <string.h>
 
 #include "dd_cpu_internal.h"
+#include "../dd_rules.h"
 
-DD_HOT static void accumulate_row(const uint8_t *row, float xi, int32_t half_out, float *acc) {
+/* One residual row times x_i into acc: the word-wise nibble decode and multiply-add of
+ * dd_rules.h, the same text the GPU's zero-copy fetch runs. */
+DD_HOT static void accumulate_row(const uint8_t *row, float xi, int32_t d_out, float *acc) {
 #pragma omp simd
-    for (int32_t j = 0; j < half_out; j++) {
-        acc[2 * j] += xi * (float)((int)(row[j] & 0xf) - DD_RESIDUAL_NIBBLE_BIAS);
-        acc[2 * j + 1] += xi * (float)((int)(row[j] >> 4) - DD_RESIDUAL_NIBBLE_BIAS);
+    for (int32_t w = 0; w < d_out / 8; w++) {
+        uint32_t word;
+        memcpy(&word, row + 4 * (size_t)w, sizeof word);
+        dd_rule_mac_word(word, xi, acc + 8 * (size_t)w);
     }
 }
 
@@ -27,7 +31,7 @@ dd_status dd_cpu_residual_gemv(const dd_shape *s, const uint8_t *rcodes, const u
     for (int32_t k = 0; k < n; k++) {
         const int32_t i = idx[k];
         if (i < 0 || i >= s->d_in) { free(acc); return DD_ERR_INVALID_ARGUMENT; }
-        accumulate_row(rcodes + (size_t)i * row_bytes, x[i], d_out / 2, acc);
+        accumulate_row(rcodes + (size_t)i * row_bytes, x[i], d_out, acc);
     }
     /* one scale per output channel: apply once after the sum */
     for (int32_t o = 0; o < d_out; o++) y[o] += dd_half_to_float(rscales[o]) * acc[o];

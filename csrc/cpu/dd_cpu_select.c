@@ -4,20 +4,14 @@
 #include <stdlib.h>
 
 #include "dd_cpu_internal.h"
-
-static int bucket_of(float ax, const float f[DD_NUM_BUCKETS]) {
-    if (ax != ax) return DD_NUM_BUCKETS; /* NaN: no bucket */
-    for (int i = 0; i < DD_NUM_BUCKETS; i++)
-        if (ax >= f[i]) return i;
-    return DD_NUM_BUCKETS; /* unreachable for ax >= 0 since f[31] = 0 */
-}
+#include "../dd_rules.h"
 
 static int32_t select_bucket_chunk(const float *x, int32_t start, int32_t len, int32_t quota,
-                                   const float f[DD_NUM_BUCKETS], unsigned char *bucket,
-                                   int32_t *idx) {
+                                   const float f[DD_NUM_BUCKETS], int monotone,
+                                   unsigned char *bucket, int32_t *idx) {
     int32_t count[DD_NUM_BUCKETS + 1] = {0};
     for (int32_t j = 0; j < len; j++) {
-        bucket[j] = (unsigned char)bucket_of(fabsf(x[start + j]), f);
+        bucket[j] = (unsigned char)dd_rule_bucket_of(fabsf(x[start + j]), f, monotone);
         count[bucket[j]]++;
     }
     /* cut = first bucket that no longer fits whole; take all above it, fill the rest from it */
@@ -68,9 +62,11 @@ dd_status dd_cpu_select(const float *x, int32_t d_in, const float *thresholds, i
     const int32_t k_total = dd_total_quota(d_in, k_chunk);
     if (k_total == 0) return DD_OK;
     float f[DD_NUM_BUCKETS];
+    int monotone = 0;
     if (mode == DD_SELECT_BUCKET) {
         if (!thresholds) return DD_ERR_INVALID_ARGUMENT;
         dd_bucket_floors(thresholds, k_total, f);
+        monotone = dd_rule_floors_monotone(f); /* bucket_of as the GPU computes it */
     }
     void *scratch = malloc(mode == DD_SELECT_BUCKET ? (size_t)DD_CHUNK : sizeof(ranked) * DD_CHUNK);
     if (!scratch) return DD_ERR_OUT_OF_MEMORY;
@@ -81,7 +77,7 @@ dd_status dd_cpu_select(const float *x, int32_t d_in, const float *thresholds, i
         const int32_t quota = dd_chunk_quota(d_in, c, k_chunk);
         if (quota == 0) continue;
         n += mode == DD_SELECT_BUCKET
-                 ? select_bucket_chunk(x, start, len, quota, f, (unsigned char *)scratch, idx + n)
+                 ? select_bucket_chunk(x, start, len, quota, f, monotone, (unsigned char *)scratch, idx + n)
                  : select_exact_chunk(x, start, len, quota, (ranked *)scratch, idx + n);
     }
     free(scratch);

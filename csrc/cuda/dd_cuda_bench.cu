@@ -52,6 +52,21 @@ dd_status launch_read(const void *p, size_t bytes, int n_sm, unsigned *sink, cud
     return DD_OK;
 }
 
+/* Pinned mapped host memory from the one pinned allocator (dd_host_alloc); fails rather than
+ * falling back to pageable memory. */
+dd_status pinned_alloc(void **p, size_t bytes) {
+    int pinned = 0;
+    *p = NULL;
+    dd_status st = dd_host_alloc(bytes, 1, p, &pinned);
+    if (st != DD_OK) return dd_cuda_fail_text(st, "dd_host_alloc(pinned)", __FILE__, __LINE__);
+    if (!pinned) {
+        dd_host_free(*p, 0);
+        *p = NULL;
+        return dd_cuda_fail_text(DD_ERR_NO_DEVICE, "pinned memory needs a usable CUDA device", __FILE__, __LINE__);
+    }
+    return DD_OK;
+}
+
 __global__ void empty_kernel() {}
 
 uint64_t splitmix(uint64_t *s) {
@@ -74,29 +89,25 @@ struct dd_cuda_bench {
     int n_sm, n_copies, n_x;
     size_t q_bytes, g_bytes, copy_bytes;
     uint8_t *d_copies;
-    uint8_t *h_rcodes;
+    uint8_t *h_rcodes;         /* pinned, mapped (dd_host_alloc) */
     uint16_t *d_x, *d_y;
     unsigned *d_sink;
-    dd_cuda_layer *layer;
-    uint8_t *own_qweight;
-    uint16_t *own_scales, *own_zeros;
+    dd_cuda_layer *layer;      /* immutable; calls run on shallow views of it with the weight
+                                * pointers of copy i (see layer_view) */
+    dd_cuda_workspace *ws;     /* the session's one stream */
     cudaStream_t stream;
     cudaEvent_t e0, e1;
 };
 
 extern "C" dd_status dd_cuda_bench_destroy(dd_cuda_bench *b) {
     if (!b) return DD_OK;
-    if (b->layer) {
-        b->layer->d_qweight = b->own_qweight;
-        b->layer->d_scales = b->own_scales;
-        b->layer->d_zeros = b->own_zeros;
-        dd_cuda_layer_destroy(b->layer);
-    }
+    dd_cuda_layer_destroy(b->layer);
+    dd_cuda_workspace_destroy(b->ws);
     cudaFree(b->d_copies);
     cudaFree(b->d_x);
     cudaFree(b->d_y);
     cudaFree(b->d_sink);
-    if (b->h_rcodes) cudaFreeHost(b->h_rcodes);
+    dd_host_free(b->h_rcodes, 1);
     if (b->stream) cudaStreamDestroy(b->stream);
     if (b->e0) cudaEventDestroy(b->e0);
     if (b->e1) cudaEventDestroy(b->e1);
@@ -125,25 +136,23 @@ extern "C" dd_status dd_cuda_bench_create(const dd_shape *s, size_t rotate_bytes
     std::vector<float> thr((size_t)s->d_in, 0.f);
     std::vector<uint16_t> hx((size_t)b->n_x * s->d_in);
     uint64_t rs = seed;
-#define TRY(x) do { if ((st = (x)) != DD_OK) goto fail; } while (0)
-#define TRYCU(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { st = dd_cuda_fail(e_, #x, __FILE__, __LINE__); goto fail; } } while (0)
     {
-        TRY(dd_cuda_device_limits(&b->n_sm, &smem));
-        TRYCU(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
-        TRYCU(cudaEventCreate(&b->e0));
-        TRYCU(cudaEventCreate(&b->e1));
-        TRYCU(cudaMalloc((void **)&b->d_sink, 4));
-        TRYCU(cudaMalloc((void **)&b->d_copies, b->copy_bytes * (size_t)b->n_copies));
+        DD_TRY(dd_cuda_device_limits(&b->n_sm, &smem));
+        DD_TRY_CU(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
+        DD_TRY_CU(cudaEventCreate(&b->e0));
+        DD_TRY_CU(cudaEventCreate(&b->e1));
+        DD_TRY_CU(cudaMalloc((void **)&b->d_sink, 4));
+        DD_TRY_CU(cudaMalloc((void **)&b->d_copies, b->copy_bytes * (size_t)b->n_copies));
         for (int c = 0; c < b->n_copies; c++) {
             uint8_t *base = b->d_copies + (size_t)c * b->copy_bytes;
             fill_bytes<<<264, 256, 0, b->stream>>>(base, b->q_bytes, (uint32_t)(seed + 3 * c));
             fill_half<<<64, 256, 0, b->stream>>>((__half *)(base + b->q_bytes), ng * s->d_out, 0.002f, 0.02f, (uint32_t)(seed + 3 * c + 1));
             fill_half<<<64, 256, 0, b->stream>>>((__half *)(base + b->q_bytes + b->g_bytes), ng * s->d_out, 0.f, (float)((1 << s->bits) - 1), (uint32_t)(seed + 3 * c + 2));
         }
-        TRYCU(cudaGetLastError());
+        DD_TRY_CU(cudaGetLastError());
         /* residual: nibbles 1..15 (codes -7..7), pinned and mapped */
         const size_t r_bytes = (size_t)s->d_in * (size_t)s->d_out / 2;
-        TRYCU(cudaHostAlloc((void **)&b->h_rcodes, r_bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+        DD_TRY(pinned_alloc((void **)&b->h_rcodes, r_bytes));
         for (size_t i = 0; i < r_bytes; i += 8) {
             uint64_t v = splitmix(&rs), w = 0;
             for (int k = 0; k < 16; k++) w |= (uint64_t)(1 + ((v >> (4 * k)) & 0xF) % 15) << (4 * k);
@@ -163,29 +172,25 @@ extern "C" dd_status dd_cuda_bench_create(const dd_shape *s, size_t rotate_bytes
                 for (int j = 0; j < s->d_in; j++) thr[j] = std::max(thr[j], ax[j]);
             }
         }
-        TRYCU(cudaMalloc((void **)&b->d_x, hx.size() * 2));
-        TRYCU(cudaMemcpy(b->d_x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
-        TRYCU(cudaMalloc((void **)&b->d_y, (size_t)b->n_x * s->d_out * 2));
+        DD_TRY_CU(cudaMalloc((void **)&b->d_x, hx.size() * 2));
+        DD_TRY_CU(cudaMemcpy(b->d_x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+        DD_TRY_CU(cudaMalloc((void **)&b->d_y, (size_t)b->n_x * s->d_out * 2));
         /* the layer object, created from copy 0 (host staging), then pointed at the copies */
         std::vector<uint8_t> hq(b->copy_bytes);
-        TRYCU(cudaStreamSynchronize(b->stream));
-        TRYCU(cudaMemcpy(hq.data(), b->d_copies, b->copy_bytes, cudaMemcpyDeviceToHost));
+        DD_TRY_CU(cudaStreamSynchronize(b->stream));
+        DD_TRY_CU(cudaMemcpy(hq.data(), b->d_copies, b->copy_bytes, cudaMemcpyDeviceToHost));
         std::vector<uint16_t> hrs((size_t)s->d_out);
         for (auto &v : hrs) v = dd_float_to_half(0.0005f + 0.002f * (splitmix(&rs) >> 40) / 16777216.f);
-        TRY(dd_cuda_layer_create(s, hq.data(), (const uint16_t *)(hq.data() + b->q_bytes),
+        DD_TRY(dd_cuda_layer_create(s, hq.data(), (const uint16_t *)(hq.data() + b->q_bytes),
                                  (const uint16_t *)(hq.data() + b->q_bytes + b->g_bytes),
                                  b->h_rcodes, hrs.data(), thr.data(), &b->layer));
-        b->own_qweight = b->layer->d_qweight;
-        b->own_scales = b->layer->d_scales;
-        b->own_zeros = b->layer->d_zeros;
+        DD_TRY(dd_cuda_workspace_create(b->layer->device, s->d_in, s->d_out, &b->ws));
     }
     *out = b;
     return DD_OK;
 fail:
     dd_cuda_bench_destroy(b);
     return st;
-#undef TRY
-#undef TRYCU
 }
 
 extern "C" dd_status dd_cuda_bench_info(const dd_cuda_bench *b, size_t *layer_bytes, int *n_copies,
@@ -197,94 +202,112 @@ extern "C" dd_status dd_cuda_bench_info(const dd_cuda_bench *b, size_t *layer_by
     return DD_OK;
 }
 
-static dd_status enqueue_call(dd_cuda_bench *b, int mode, int i, int32_t n_tb) {
-    dd_cuda_layer *L = b->layer;
+/* The session's layer with the weight pointers of copy c: a shallow copy valid for one call
+ * (the layer object itself is never modified; only the original is destroyed). */
+static dd_cuda_layer layer_view(const dd_cuda_bench *b, int c) {
+    dd_cuda_layer v = *b->layer;
+    const uint8_t *base = b->d_copies + (size_t)c * b->copy_bytes;
+    v.d_qweight = base;
+    v.d_scales = (const uint16_t *)(base + b->q_bytes);
+    v.d_zeros = (const uint16_t *)(base + b->q_bytes + b->g_bytes);
+    for (void *&p : v.own_dev) p = NULL;
+    v.own_thresholds = NULL;
+    return v;
+}
+
+static dd_status enqueue_call(dd_cuda_bench *b, int mode, int i, const dd_cuda_run *run) {
     const int c = i % b->n_copies, xi = i % b->n_x;
-    uint8_t *base = b->d_copies + (size_t)c * b->copy_bytes;
+    const dd_cuda_layer L = layer_view(b, c);
+    const dd_cuda_variant *v = &run->variant;
     const uint16_t *x = b->d_x + (size_t)xi * b->shape.d_in;
     uint16_t *y = b->d_y + (size_t)xi * b->shape.d_out;
-    L->d_qweight = base;
-    L->d_scales = (uint16_t *)(base + b->q_bytes);
-    L->d_zeros = (uint16_t *)(base + b->q_bytes + b->g_bytes);
     switch (mode) {
     case DD_BENCH_BASE:
-        return dd_cuda_gemv_base(&b->shape, L->d_qweight, L->d_scales, L->d_zeros, x, y, 0, 0, b->stream);
+        return dd_cuda_gemv_base_v(&b->shape, L.d_qweight, L.d_scales, L.d_zeros, x, y, 0, 0, v, b->stream);
     case DD_BENCH_BASE_RESERVED:
-        return dd_cuda_gemv_base(&b->shape, L->d_qweight, L->d_scales, L->d_zeros, x, y, 0,
-                                 std::max(1, b->n_sm - n_tb), b->stream);
+        return dd_cuda_gemv_base_v(&b->shape, L.d_qweight, L.d_scales, L.d_zeros, x, y, 0,
+                                   std::max(1, b->n_sm - run->n_tb), v, b->stream);
     case DD_BENCH_FUSED:
     case DD_BENCH_SERIAL:
-        return dd_cuda_layer_forward(L, x, y, 1, 0, b->stream);
+    case DD_BENCH_FUSED_FULL:
+    case DD_BENCH_FORKJOIN:
+        return dd_cuda_layer_forward(&L, run, b->ws, x, y, 1, 0, b->stream);
     case DD_BENCH_READ:
-        return launch_read(base, b->copy_bytes, b->n_sm, b->d_sink, b->stream);
+        return launch_read(L.d_qweight, b->copy_bytes, b->n_sm, b->d_sink, b->stream);
     case DD_BENCH_DEC_ONLY: {
         dd_fused_dec dec;
         memset(&dec, 0, sizeof dec);
-        dec.rcodes = L->rcodes_dev;
-        dec.rscales = L->d_rscales;
-        dec.cell = L->d_cell;
-        memcpy(dec.floors_half, L->floors_half, sizeof dec.floors_half);
-        dec.k_chunk = L->k_chunk;
-        dec.n_tb = n_tb;
-        return dd_cuda_fused_launch(&b->shape, L->d_qweight, L->d_scales, L->d_zeros, &dec, x, y, 0,
+        dec.rcodes = L.rcodes_dev;
+        dec.rscales = L.d_rscales;
+        dec.cell = b->ws->d_cell;
+        dec.ticket = reinterpret_cast<unsigned *>(b->ws->d_cell + b->ws->max_d_out);
+        memcpy(dec.floors_half, run->floors_half, sizeof dec.floors_half);
+        dec.k_chunk = run->k_chunk;
+        dec.n_tb = run->n_tb;
+        return dd_cuda_fused_launch(&b->shape, L.d_qweight, L.d_scales, L.d_zeros, &dec, v, x, y, 0,
                                     b->stream);
     }
-    case DD_BENCH_FUSED_FULL:
-    case DD_BENCH_FORKJOIN:
-        return dd_cuda_layer_forward(L, x, y, 1, 0, b->stream);
     case DD_BENCH_EMPTY:
         empty_kernel<<<1, 32, 0, b->stream>>>();
         DD_CK_LAUNCH("empty_kernel");
         return DD_OK;
     case DD_BENCH_DEC_LEGACY: {
-        dd_status st = dd_cuda_select(b->shape.d_in, x, L->d_floors, L->k_chunk, L->d_idx, L->d_xsel, n_tb, b->stream);
+        dd_status st = dd_cuda_select_floors(b->shape.d_in, x, run->floors, run->k_chunk, b->ws->d_idx,
+                                             b->ws->d_xsel, run->n_tb, b->stream);
         if (st != DD_OK) return st;
-        return dd_cuda_dec_fetch(&b->shape, L->rcodes_dev, L->d_rscales, L->d_idx, L->d_xsel, L->k_total, n_tb, y, b->stream);
+        return dd_cuda_dec_fetch(&b->shape, L.rcodes_dev, L.d_rscales, b->ws->d_idx, b->ws->d_xsel,
+                                 run->k_total, run->n_tb, y, b->stream);
     }
     }
     return DD_ERR_INVALID_ARGUMENT;
 }
 
 extern "C" dd_status dd_cuda_bench_run(dd_cuda_bench *b, int mode, int32_t k_chunk, int32_t n_tb,
-                                       int iters, int reps, double *us_per_call) {
+                                       const dd_cuda_variant *variant, int iters, int reps,
+                                       double *us_per_call) {
     if (!b || !us_per_call || iters < 1 || reps < 1) return DD_ERR_INVALID_ARGUMENT;
-    dd_status st;
-    if ((st = dd_cuda_layer_set_k_chunk(b->layer, k_chunk)) != DD_OK) return st;
-    if (mode == DD_BENCH_FUSED || mode == DD_BENCH_SERIAL || mode == DD_BENCH_DEC_ONLY ||
-        mode == DD_BENCH_BASE_RESERVED || mode == DD_BENCH_FORKJOIN || mode == DD_BENCH_DEC_LEGACY ||
-        mode == DD_BENCH_FUSED_FULL)
-        if ((st = dd_cuda_layer_set_n_tb(b->layer, n_tb)) != DD_OK) return st;
-    dd_cuda_layer_set_serial(b->layer, mode == DD_BENCH_SERIAL ? DD_PATH_SERIAL
-                                       : mode == DD_BENCH_FORKJOIN ? DD_PATH_FORKJOIN : DD_PATH_FUSED);
-    b->layer->base_sm = mode == DD_BENCH_FUSED_FULL ? b->n_sm : 0;
+    if (mode < DD_BENCH_BASE || mode > DD_BENCH_EMPTY) return DD_ERR_INVALID_ARGUMENT;
+    /* modes without DEC ignore n_tb (any value; their run gets the default) */
+    const bool uses_n_tb = mode == DD_BENCH_FUSED || mode == DD_BENCH_SERIAL || mode == DD_BENCH_DEC_ONLY ||
+                           mode == DD_BENCH_BASE_RESERVED || mode == DD_BENCH_FORKJOIN ||
+                           mode == DD_BENCH_DEC_LEGACY || mode == DD_BENCH_FUSED_FULL;
+    dd_cuda_variant v;
+    memset(&v, 0, sizeof v);
+    if (variant) v = *variant;
+    if (mode == DD_BENCH_FUSED_FULL) v.base_sm = b->n_sm; /* base grid for every SM */
+    const int32_t path = mode == DD_BENCH_SERIAL ? DD_PATH_SERIAL
+                         : mode == DD_BENCH_FORKJOIN ? DD_PATH_FORKJOIN : DD_PATH_FUSED;
+    dd_cuda_run run;
+    dd_status st = dd_cuda_run_init(b->layer, k_chunk, uses_n_tb ? n_tb : dd_n_tb_default(b->n_sm), path,
+                                    &v, &run);
+    if (st != DD_OK) return st;
     cudaGraph_t graph = NULL;
     cudaGraphExec_t exec = NULL;
     std::vector<float> ms;
     DD_CK(cudaStreamBeginCapture(b->stream, cudaStreamCaptureModeThreadLocal));
     for (int i = 0; i < iters; i++) {
-        st = enqueue_call(b, mode, i, n_tb);
+        st = enqueue_call(b, mode, i, &run);
         if (st != DD_OK) {
-            cudaStreamEndCapture(b->stream, &graph);
-            if (graph) cudaGraphDestroy(graph);
+            if (cudaStreamEndCapture(b->stream, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
             (void)cudaGetLastError();
             return st;
         }
     }
     DD_CK(cudaStreamEndCapture(b->stream, &graph));
-    cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    st = DD_CU(cudaGraphInstantiate(&exec, graph, 0));
     cudaGraphDestroy(graph);
-    if (e != cudaSuccess) return dd_cuda_fail(e, "cudaGraphInstantiate", __FILE__, __LINE__);
-    for (int r = 0; r < reps + 2 && e == cudaSuccess; r++) {
-        e = cudaEventRecord(b->e0, b->stream);
-        if (e == cudaSuccess) e = cudaGraphLaunch(exec, b->stream);
-        if (e == cudaSuccess) e = cudaEventRecord(b->e1, b->stream);
-        if (e == cudaSuccess) e = cudaEventSynchronize(b->e1);
+    if (st != DD_OK) return st;
+    for (int r = 0; r < reps + 2 && st == DD_OK; r++) {
         float t = 0;
-        if (e == cudaSuccess) e = cudaEventElapsedTime(&t, b->e0, b->e1);
-        if (r >= 2) ms.push_back(t); /* two warm-up replays */
+        st = DD_CU(cudaEventRecord(b->e0, b->stream));
+        if (st == DD_OK) st = DD_CU(cudaGraphLaunch(exec, b->stream));
+        if (st == DD_OK) st = DD_CU(cudaEventRecord(b->e1, b->stream));
+        if (st == DD_OK) st = DD_CU(cudaEventSynchronize(b->e1));
+        if (st == DD_OK) st = DD_CU(cudaEventElapsedTime(&t, b->e0, b->e1));
+        if (st == DD_OK && r >= 2) ms.push_back(t); /* two warm-up replays */
     }
     cudaGraphExecDestroy(exec);
-    if (e != cudaSuccess) return dd_cuda_fail(e, "graph replay", __FILE__, __LINE__);
+    if (st != DD_OK) return st;
     std::sort(ms.begin(), ms.end());
     *us_per_call = ms[ms.size() / 2] * 1000.0 / iters;
     return DD_OK;
@@ -301,45 +324,43 @@ extern "C" dd_status dd_cuda_bench_bandwidth(size_t bytes, int zero_copy_blocks,
     cudaEvent_t e0 = NULL, e1 = NULL;
     float ms = 0;
     const size_t zc_bytes = std::min<size_t>(bytes, (size_t)1 << 30);
-#define TRYCU(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { st = dd_cuda_fail(e_, #x, __FILE__, __LINE__); goto done; } } while (0)
-    TRYCU(cudaMalloc(&d, bytes));
-    TRYCU(cudaMalloc((void **)&sink, 4));
-    TRYCU(cudaMemset(d, 1, bytes));
-    TRYCU(cudaHostAlloc(&h, zc_bytes, cudaHostAllocMapped));
+    DD_TRY_CU(cudaMalloc(&d, bytes));
+    DD_TRY_CU(cudaMalloc((void **)&sink, 4));
+    DD_TRY_CU(cudaMemset(d, 1, bytes));
+    DD_TRY(pinned_alloc(&h, zc_bytes));
     memset(h, 1, zc_bytes);
-    TRYCU(cudaHostGetDevicePointer(&hd, h, 0));
-    TRYCU(cudaEventCreate(&e0));
-    TRYCU(cudaEventCreate(&e1));
+    DD_TRY_CU(cudaHostGetDevicePointer(&hd, h, 0));
+    DD_TRY_CU(cudaEventCreate(&e0));
+    DD_TRY_CU(cudaEventCreate(&e1));
     for (int it = 0; it < 2; it++) stream_read<<<n_sm * 8, 256>>>((const uint4 *)d, bytes / 16, sink);
-    TRYCU(cudaEventRecord(e0));
+    DD_TRY_CU(cudaEventRecord(e0));
     for (int it = 0; it < 10; it++) stream_read<<<n_sm * 8, 256>>>((const uint4 *)d, bytes / 16, sink);
-    TRYCU(cudaGetLastError());
-    TRYCU(cudaEventRecord(e1));
-    TRYCU(cudaEventSynchronize(e1));
-    TRYCU(cudaEventElapsedTime(&ms, e0, e1));
+    DD_TRY_CU(cudaGetLastError());
+    DD_TRY_CU(cudaEventRecord(e1));
+    DD_TRY_CU(cudaEventSynchronize(e1));
+    DD_TRY_CU(cudaEventElapsedTime(&ms, e0, e1));
     *hbm_gbs = 10.0 * bytes / (ms * 1e6);
     stream_read<<<zero_copy_blocks * 2, 256>>>((const uint4 *)hd, zc_bytes / 16 / 8, sink);
-    TRYCU(cudaGetLastError());
-    TRYCU(cudaEventRecord(e0));
+    DD_TRY_CU(cudaGetLastError());
+    DD_TRY_CU(cudaEventRecord(e0));
     stream_read<<<zero_copy_blocks * 2, 256>>>((const uint4 *)hd, zc_bytes / 16, sink);
-    TRYCU(cudaGetLastError());
-    TRYCU(cudaEventRecord(e1));
-    TRYCU(cudaEventSynchronize(e1));
-    TRYCU(cudaEventElapsedTime(&ms, e0, e1));
+    DD_TRY_CU(cudaGetLastError());
+    DD_TRY_CU(cudaEventRecord(e1));
+    DD_TRY_CU(cudaEventSynchronize(e1));
+    DD_TRY_CU(cudaEventElapsedTime(&ms, e0, e1));
     *zero_copy_gbs = zc_bytes / (ms * 1e6);
-    TRYCU(cudaEventRecord(e0));
-    TRYCU(cudaMemcpyAsync(d, h, zc_bytes, cudaMemcpyHostToDevice, 0));
-    TRYCU(cudaEventRecord(e1));
-    TRYCU(cudaEventSynchronize(e1));
-    TRYCU(cudaEventElapsedTime(&ms, e0, e1));
+    DD_TRY_CU(cudaEventRecord(e0));
+    DD_TRY_CU(cudaMemcpyAsync(d, h, zc_bytes, cudaMemcpyHostToDevice, 0));
+    DD_TRY_CU(cudaEventRecord(e1));
+    DD_TRY_CU(cudaEventSynchronize(e1));
+    DD_TRY_CU(cudaEventElapsedTime(&ms, e0, e1));
     *h2d_gbs = zc_bytes / (ms * 1e6);
-done:
+fail:
     if (e0) cudaEventDestroy(e0);
     if (e1) cudaEventDestroy(e1);
-    if (h) cudaFreeHost(h);
+    dd_host_free(h, 1);
     cudaFree(d);
     cudaFree(sink);
     (void)cudaGetLastError();
     return st;
-#undef TRYCU
 }

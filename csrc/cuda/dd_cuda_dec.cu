@@ -25,17 +25,21 @@ constexpr int kUnroll = 4;
  * dd_cuda_dec_device.cuh, results to the device scratch (the layer call itself never needs this:
  * its fused kernel keeps the selection in shared memory; this kernel serves dd_cuda_layer_select
  * and the legacy two-kernel path kept for measurements). */
+/* kByValue: the floors come as the kernel parameter fv (the layer call: settings never touch
+ * device memory), else from device memory at fp (dd_cuda_select). */
+template <bool kByValue>
 __global__ void __launch_bounds__(dd_dec::kDecThreads)
-select_kernel(const __half *__restrict__ x, int d_in, const float *__restrict__ floors,
-              int k_chunk, int *__restrict__ idx, float *__restrict__ xsel) {
+select_kernel(const __half *__restrict__ x, int d_in, const float *__restrict__ fp,
+              const dd_dec::FloorsF fv, int k_chunk, int *__restrict__ idx, float *__restrict__ xsel) {
     __shared__ dd_dec::SelectSmem S;
-    dd_dec::load_floors(S, floors);
+    if (kByValue) dd_dec::load_floors(S, fv);
+    else dd_dec::load_floors(S, fp);
     const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
     for (int c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         const int start = c * DD_CHUNK;
         const int len = min(DD_CHUNK, d_in - start);
         const int quota = dd_dec::chunk_quota(d_in, c, k_chunk);
-        const int out0 = c * k_chunk; /* every earlier chunk is whole */
+        const int out0 = dd_rule_chunk_offset(c, k_chunk); /* every earlier chunk is whole */
         if (quota == 0) continue;
         const int n = dd_dec::select_chunk(S, x, start, len, quota);
         for (int i = threadIdx.x; i < quota; i += blockDim.x) {
@@ -60,7 +64,9 @@ select_warp_kernel(const __half *__restrict__ x, int d_in, FloorsHalf fh, int k_
     const int c = blockIdx.x * dd_dec::kDecWarps + (threadIdx.x >> 5);
     if (c >= n_chunks) return;
     const int start = c * DD_CHUNK, quota = dd_dec::chunk_quota(d_in, c, k_chunk);
-    if (quota) dd_dec::warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2, idx + c * k_chunk);
+    if (quota)
+        dd_dec::warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2,
+                                  idx + dd_rule_chunk_offset(c, k_chunk));
 }
 
 /* Partial sums of one round (8 of a thread's 32 outputs) for every (slot, unit) of a tile. */
@@ -132,18 +138,39 @@ fetch_kernel(const uint4 *__restrict__ rcodes, const __half *__restrict__ rscale
 
 } // namespace
 
+static dd_status launch_select(int32_t d_in, const uint16_t *d_x, const float *d_floors,
+                               const float *h_floors, int32_t k_chunk, int32_t *d_idx, float *d_xsel,
+                               int max_blocks, void *stream) {
+    if (d_in <= 0 || !d_x || !(d_floors || h_floors) || !d_idx || !d_xsel) return DD_ERR_INVALID_ARGUMENT;
+    if (k_chunk < 0 || k_chunk > DD_CHUNK) return DD_ERR_INVALID_ARGUMENT;
+    if (k_chunk == 0) return DD_OK;
+    dd_dec::FloorsF fv;
+    if (h_floors) memcpy(fv.f, h_floors, sizeof fv.f);
+    else memset(fv.f, 0, sizeof fv.f);
+    int blocks = dd_num_chunks(d_in);
+    if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
+    if (h_floors)
+        select_kernel<true><<<blocks, dd_dec::kDecThreads, 0, (cudaStream_t)stream>>>(
+            reinterpret_cast<const __half *>(d_x), d_in, nullptr, fv, k_chunk, d_idx, d_xsel);
+    else
+        select_kernel<false><<<blocks, dd_dec::kDecThreads, 0, (cudaStream_t)stream>>>(
+            reinterpret_cast<const __half *>(d_x), d_in, d_floors, fv, k_chunk, d_idx, d_xsel);
+    DD_CK_LAUNCH("select_kernel");
+    return DD_OK;
+}
+
+dd_status dd_cuda_select_floors(int32_t d_in, const uint16_t *d_x, const float floors[DD_NUM_BUCKETS],
+                                int32_t k_chunk, int32_t *d_idx, float *d_xsel, int max_blocks,
+                                void *stream) {
+    if (!floors) return DD_ERR_INVALID_ARGUMENT;
+    return launch_select(d_in, d_x, NULL, floors, k_chunk, d_idx, d_xsel, max_blocks, stream);
+}
+
 extern "C" dd_status dd_cuda_select(int32_t d_in, const uint16_t *d_x, const float *d_floors,
                                     int32_t k_chunk, int32_t *d_idx, float *d_xsel,
                                     int max_blocks, void *stream) {
-    if (d_in <= 0 || !d_x || !d_floors || !d_idx || !d_xsel) return DD_ERR_INVALID_ARGUMENT;
-    if (k_chunk < 0 || k_chunk > DD_CHUNK) return DD_ERR_INVALID_ARGUMENT;
-    if (k_chunk == 0) return DD_OK;
-    int blocks = dd_num_chunks(d_in);
-    if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
-    select_kernel<<<blocks, dd_dec::kDecThreads, 0, (cudaStream_t)stream>>>(
-        reinterpret_cast<const __half *>(d_x), d_in, d_floors, k_chunk, d_idx, d_xsel);
-    DD_CK_LAUNCH("select_kernel");
-    return DD_OK;
+    if (!d_floors) return DD_ERR_INVALID_ARGUMENT;
+    return launch_select(d_in, d_x, d_floors, NULL, k_chunk, d_idx, d_xsel, max_blocks, stream);
 }
 
 dd_status dd_cuda_select_fused(int32_t d_in, const uint16_t *d_x, const uint16_t *floors_half,

@@ -34,16 +34,16 @@ struct SelectSmem {
     float xv[DD_CHUNK];
 };
 
+/* decdec.h's chunk quota: the rule of dd_rules.h (shared with the CPU backend). */
 __device__ __forceinline__ int chunk_quota(int d_in, int chunk, int k_chunk) {
-    const int start = chunk * DD_CHUNK;
-    const int len = min(DD_CHUNK, d_in - start);
-    if (len <= 0 || k_chunk <= 0) return 0;
-    if (len == DD_CHUNK) return k_chunk;
-    const long long k = ((long long)k_chunk * len + DD_CHUNK / 2) / DD_CHUNK;
-    return (int)(k > len ? len : k);
+    return dd_rule_chunk_quota(d_in, chunk, k_chunk);
 }
 
-/* Floors into shared memory and whether they are non-increasing.  Ends with a barrier. */
+/* The fp32 bucket floors as a kernel parameter (by value: no device memory behind them). */
+struct FloorsF { float f[DD_NUM_BUCKETS]; };
+
+/* Floors from device memory into shared memory and whether they are non-increasing.  Ends with
+ * a barrier. */
 __device__ __forceinline__ void load_floors(SelectSmem &S, const float *__restrict__ floors) {
     const int t = threadIdx.x;
     if (t < DD_NUM_BUCKETS) S.f[t] = floors[t];
@@ -54,19 +54,28 @@ __device__ __forceinline__ void load_floors(SelectSmem &S, const float *__restri
     __syncthreads();
 }
 
-__device__ __forceinline__ int bucket_of(const SelectSmem &S, float ax) {
-    if (!(ax == ax)) return DD_NUM_BUCKETS; /* NaN: no bucket */
-    if (S.monotone) {
-        /* #floors above ax = the first i with ax >= f[i] (f non-increasing, f[31] = 0) */
-        int pos = 0;
+/* Floors (by value) into shared memory and whether they are non-increasing.  Ends with a
+ * barrier. */
+__device__ __forceinline__ void load_floors(SelectSmem &S, const FloorsF &floors) {
+    const int t = threadIdx.x;
+    {   /* constant indices only: a run-time index would copy the parameter struct to local memory */
+        float f = 0.f;
 #pragma unroll
-        for (int step = 16; step; step >>= 1)
-            if (S.f[pos + step - 1] > ax) pos += step;
-        return pos < DD_NUM_BUCKETS ? pos : DD_NUM_BUCKETS;
+        for (int i = 0; i < DD_NUM_BUCKETS; i++)
+            if (t == i) f = floors.f[i];
+        if (t < DD_NUM_BUCKETS) S.f[t] = f;
     }
-    for (int i = 0; i < DD_NUM_BUCKETS; i++)
-        if (ax >= S.f[i]) return i;
-    return DD_NUM_BUCKETS;
+    __syncthreads();
+    const int ok = t >= DD_NUM_BUCKETS - 1 || S.f[t] >= S.f[t + 1];
+    const int all = __syncthreads_and(ok);
+    if (t == 0) S.monotone = all;
+    __syncthreads();
+}
+
+/* bucket_of of dd_rules.h (the CPU backend calls the same function): the 5-step search when the
+ * floors are non-increasing, else the literal scan.  NaN: no bucket. */
+__device__ __forceinline__ int bucket_of(const SelectSmem &S, float ax) {
+    return dd_rule_bucket_of(ax, S.f, S.monotone);
 }
 
 /* Selection of chunk [start, start+len) with `quota` slots: S.idx/S.xv[0..n) ascending, returns
@@ -245,18 +254,15 @@ __device__ __forceinline__ void warp_select_chunk(const __half *__restrict__ x, 
     for (int i = n + lane; i < quota; i += 32) out_idx[i] = -1;
 }
 
-/* One zero-copy residual vector (32 output channels' nibbles) times x_i, into 32 fp32 sums:
- * acc[8w+n] += xv * (nibble n of word w - 8); the float trick 2^23 + nibble avoids I2F. */
+/* One zero-copy residual vector (32 output channels' nibbles, 4 words) times x_i, into 32 fp32
+ * sums: acc[8w+n] += xv * code(word w, nibble n) -- dd_rules.h's word decode + FMA, the text the
+ * CPU backend's residual GEMV runs too.  Every fetch loop (fused DEC blocks, fetch_kernel) feeds
+ * its loaded vectors through this. */
 __device__ __forceinline__ void accumulate_codes(const uint4 &v, float xv, float acc[32]) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int w = 0; w < 4; w++) {
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            const float c = __uint_as_float(0x4B000000u | ((words[w] >> (4 * n)) & 0xFu)) - 8388616.f;
-            acc[8 * w + n] = fmaf(xv, c, acc[8 * w + n]);
-        }
-    }
+    dd_rule_mac_word(v.x, xv, acc);
+    dd_rule_mac_word(v.y, xv, acc + 8);
+    dd_rule_mac_word(v.z, xv, acc + 16);
+    dd_rule_mac_word(v.w, xv, acc + 24);
 }
 
 } // namespace dd_dec

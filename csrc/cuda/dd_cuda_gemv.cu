@@ -175,9 +175,10 @@ __device__ void dec_block(const DecArgs &D, const __half *__restrict__ x, __half
     const int n_chunks = (d_in + DD_CHUNK - 1) / DD_CHUNK;
     for (int c = warp; c < n_chunks; c += kDecWarps) {
         const int start = c * DD_CHUNK, quota = chunk_quota(d_in, c, D.k_chunk);
-        if (quota) warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2, sidx + c * D.k_chunk);
+        if (quota) warp_select_chunk(x, start, min(DD_CHUNK, d_in - start), quota, fh2,
+                                     sidx + dd_rule_chunk_offset(c, D.k_chunk));
     }
-    const int n = (n_chunks - 1) * D.k_chunk + chunk_quota(d_in, n_chunks - 1, D.k_chunk);
+    const int n = dd_rule_total_quota(d_in, D.k_chunk);
     __syncthreads();
     const int units = d_out / 32;
     const int u0 = (int)((long)units * blockIdx.x / D.n_dec), u1 = (int)((long)units * (blockIdx.x + 1) / D.n_dec);
@@ -573,23 +574,15 @@ struct BasePlan {
     int lanes, rows_per_block, per_sm;
 };
 
-/* Benchmark-only overrides (dd_cuda_bench_set_base_variant): rows per lane group (0 = the rule
- * below) and the grid rule (0 = fill every usable SM, 1 = whole waves of row groups). */
-/* Layer kernel defaults: rows by the rule in plan_base, hand-out 3 = the v7 rule in
- * dd_cuda_fused_launch (measured sweep in docs/KERNELS.md v7) */
-constexpr int kLayerRows = 0, kLayerMode = 3;
-int g_rows_override = 0, g_grid_override = -1;
-/* The layer kernel's (v7): rows per lane group (0 = rule) and row-group hand-out: 0 static (v6),
- * 1 dynamic tickets on a grid for SMs - n_tb, 2 dynamic tickets filling every block slot the DEC
- * blocks leave (DEC blocks' SMs too), 3 the rule (static one wave on every free slot when it fits,
- * dynamic from 4 waves on, else static as v6). -1 = the default (3). */
-int g_layer_rows = 0, g_layer_mode = -1;
-/* Test-only: at most this many base blocks in the layer kernel (0 = no cap), so small layers
- * take many tickets each (the hand-out and its reset under contention). */
-int g_layer_grid_cap = 0;
+/* Measurement variants (dd_cuda_variant, carried by the call, never process-global): NULL or
+ * zeros = the production rule below.  base_rows / layer_rows: rows per lane group of the plain /
+ * layer kernel (0 = rule, 1, 2, 4); base_grid: 0 = fill every usable SM, 1 = whole waves of row
+ * groups; layer_mode: see dd_cuda_fused_launch; layer_grid_cap: at most this many base blocks in
+ * the layer kernel (0 = no cap; tests: small layers take many tickets each). */
+inline bool valid_rows(int r) { return r == 1 || r == 2 || r == 4; }
 
 template <bool DEC>
-dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
+dd_status plan_base(const dd_shape *s, int n_sm_free, const dd_cuda_variant *v, BasePlan *P) {
     int n_sm = 0, smem_optin = 0;
     dd_status st;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
@@ -610,9 +603,8 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
     int rows = DEC ? (s->bits == 3 ? 2 : 4) : 2;
     const long min_warps = (DEC ? 4L : 12L) * n_sm_free;
     while (rows > 1 && (long)s->d_out / rows * lanes / 32 < min_warps) rows /= 2;
-    if (DEC && kLayerRows) rows = kLayerRows;
-    if (DEC && (g_layer_rows == 1 || g_layer_rows == 2 || g_layer_rows == 4)) rows = g_layer_rows;
-    if (!DEC && (g_rows_override == 1 || g_rows_override == 2 || g_rows_override == 4)) rows = g_rows_override;
+    if (v && DEC && valid_rows(v->layer_rows)) rows = v->layer_rows;
+    if (v && !DEC && valid_rows(v->base_rows)) rows = v->base_rows;
     P->lanes = lanes;
     P->rows_per_block = kWarps * (32 / lanes) * rows;
     if (s->bits == 4) P->kernel = rows == 4 ? gemv_base_kernel<4, 4, DEC> : rows == 2 ? gemv_base_kernel<4, 2, DEC> : gemv_base_kernel<4, 1, DEC>;
@@ -627,9 +619,9 @@ dd_status plan_base(const dd_shape *s, int n_sm_free, BasePlan *P) {
 
 /* Blocks for `needed` blocks' worth of row groups on at most `cap` resident blocks.  Rule 1:
  * whole waves -- as few blocks as give every warp the same number of row groups (+-1 block). */
-long base_blocks(long needed, long cap) {
+long base_blocks(long needed, long cap, int grid_rule) {
     if (needed <= cap) return needed;
-    if (g_grid_override == 1) {
+    if (grid_rule == 1) {
         const long waves = (needed + cap - 1) / cap;
         return (needed + waves - 1) / waves;
     }
@@ -638,22 +630,9 @@ long base_blocks(long needed, long cap) {
 
 } // namespace
 
-extern "C" void dd_cuda_bench_set_base_variant(int rows, int grid) {
-    g_rows_override = rows;
-    g_grid_override = grid;
-}
-
-extern "C" void dd_cuda_bench_set_layer_variant(int rows, int mode) {
-    g_layer_rows = rows;
-    g_layer_mode = mode;
-}
-
-extern "C" void dd_cuda_bench_set_layer_grid_cap(int max_base_blocks) { g_layer_grid_cap = max_base_blocks; }
-
-extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweight,
-                                       const uint16_t *d_scales, const uint16_t *d_zeros,
-                                       const uint16_t *d_x, uint16_t *d_y, int accumulate,
-                                       int n_sm_free, void *stream) {
+dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
+                              const uint16_t *d_zeros, const uint16_t *d_x, uint16_t *d_y,
+                              int accumulate, int n_sm_free, const dd_cuda_variant *v, void *stream) {
     dd_status st = dd_shape_check(s);
     if (st != DD_OK) return st;
     if (!d_qweight || !d_scales || !d_zeros || !d_x || !d_y) return DD_ERR_INVALID_ARGUMENT;
@@ -661,9 +640,9 @@ extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweig
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     BasePlan P;
-    if ((st = plan_base<false>(s, n_sm_free, &P)) != DD_OK) return st;
+    if ((st = plan_base<false>(s, n_sm_free, v, &P)) != DD_OK) return st;
     const long blocks = base_blocks(((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block,
-                                    (long)n_sm_free * P.per_sm);
+                                    (long)n_sm_free * P.per_sm, v ? v->base_grid : 0);
     DecArgs none = {};
     P.kernel<<<(unsigned)blocks, kThreads, P.smem, (cudaStream_t)stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales),
@@ -674,23 +653,39 @@ extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweig
     return DD_OK;
 }
 
+extern "C" dd_status dd_cuda_gemv_base(const dd_shape *s, const uint8_t *d_qweight,
+                                       const uint16_t *d_scales, const uint16_t *d_zeros,
+                                       const uint16_t *d_x, uint16_t *d_y, int accumulate,
+                                       int n_sm_free, void *stream) {
+    return dd_cuda_gemv_base_v(s, d_qweight, d_scales, d_zeros, d_x, d_y, accumulate, n_sm_free,
+                               NULL, stream);
+}
+
 /* The whole layer in one launch: blocks 0..n_dec-1 select and fetch residual rows, the rest run
  * the base GEMV; both add into the layer's fp32 accumulator and the last contributor of each
  * 32-output tile writes y.  with_base 0: DEC alone (y = delta, or y += delta). */
 dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
-                               const uint16_t *d_zeros, const dd_fused_dec *dec, const uint16_t *d_x,
-                               uint16_t *d_y, int accumulate, void *stream) {
+                               const uint16_t *d_zeros, const dd_fused_dec *dec,
+                               const dd_cuda_variant *v, const uint16_t *d_x, uint16_t *d_y,
+                               int accumulate, void *stream) {
     int n_sm = 0, smem_optin = 0;
     dd_status st;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     const int units = s->d_out / 32;
     if (dd_total_quota(s->d_in, dec->k_chunk) > kSelCap || dec->k_chunk < 1) return DD_ERR_UNSUPPORTED;
     const int n_dec = std::min(units, dec->n_tb < 1 ? 1 : dec->n_tb); /* disjoint column slices */
-    int base_sm = dec->base_sm > 0 && dec->base_sm <= n_sm ? dec->base_sm : std::max(1, n_sm - n_dec);
+    const int v_base_sm = v ? v->base_sm : 0;
+    int base_sm = v_base_sm > 0 && v_base_sm <= n_sm ? v_base_sm : std::max(1, n_sm - n_dec);
     BasePlan P;
-    if ((st = plan_base<true>(s, base_sm, &P)) != DD_OK) return st;
+    if ((st = plan_base<true>(s, base_sm, v, &P)) != DD_OK) return st;
     long blocks = 0;
-    int mode = g_layer_mode >= 0 ? g_layer_mode : kLayerMode;
+    /* row-group hand-out, numbered here as before v2: 0 static (v6), 1 dynamic tickets on a grid
+     * for SMs - n_tb, 2 dynamic tickets filling every block slot the DEC blocks leave (DEC blocks'
+     * SMs too), 3 the rule (static one wave on every free slot when it fits, dynamic from 4 waves
+     * on, else static as v6).  dd_cuda_variant.layer_mode numbers them 0 rule, 1 static,
+     * 2 tickets on SMs - n_tb, 3 tickets on every free slot. */
+    const int v_mode = v ? v->layer_mode : 0;
+    int mode = v_mode >= 1 && v_mode <= 3 ? v_mode - 1 : 3;
     if (dec->with_base) {
         const long needed = ((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block;
         const long fill = std::max(1L, (long)n_sm * P.per_sm - n_dec); /* every slot DEC leaves */
@@ -698,15 +693,15 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
             /* one wave on every free slot (DEC blocks' SMs too) when it fits: no warp runs a second
              * row group (8192x8192 4b: +33% -> +7%); many waves: dynamic tickets on those slots
              * (8192x28672 3b: +4.0% -> +0.0%); in between static as v6 (tickets cost more there) */
-            if (needed <= fill && dec->base_sm <= 0) mode = 0, blocks = needed;
-            else if (needed >= 4 * fill && dec->base_sm <= 0) mode = 2;
+            if (needed <= fill && v_base_sm <= 0) mode = 0, blocks = needed;
+            else if (needed >= 4 * fill && v_base_sm <= 0) mode = 2;
             else mode = 0;
         }
         if (blocks) {
-        } else if (mode == 2 && dec->base_sm <= 0) blocks = std::min(needed, fill);
+        } else if (mode == 2 && v_base_sm <= 0) blocks = std::min(needed, fill);
         else if (mode >= 1) blocks = std::min(needed, (long)base_sm * P.per_sm);
-        else blocks = base_blocks(needed, (long)base_sm * P.per_sm);
-        if (g_layer_grid_cap > 0) blocks = std::min(blocks, (long)g_layer_grid_cap);
+        else blocks = base_blocks(needed, (long)base_sm * P.per_sm, v ? v->base_grid : 0);
+        if (v && v->layer_grid_cap > 0) blocks = std::min(blocks, (long)v->layer_grid_cap);
     }
     DecArgs D;
     D.rcodes = reinterpret_cast<const uint4 *>(dec->rcodes);
@@ -716,7 +711,7 @@ dd_status dd_cuda_fused_launch(const dd_shape *s, const uint8_t *d_qweight, cons
     D.n_dec = n_dec;
     D.has_base = dec->with_base ? 1 : 0;
     D.accumulate = accumulate;
-    D.ticket = mode >= 1 && dec->with_base ? reinterpret_cast<unsigned *>(dec->cell + s->d_out) : nullptr;
+    D.ticket = mode >= 1 && dec->with_base ? dec->ticket : nullptr;
     for (int i = 0; i < DD_NUM_BUCKETS; i++) D.fh[i] = dec->floors_half[i];
     P.kernel<<<(unsigned)(blocks + n_dec), kThreads, P.smem, (cudaStream_t)stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales),
