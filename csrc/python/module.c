@@ -5,27 +5,6 @@
 #include "py_cuda_common.h"
 #endif
 
-/* TEMPORARY (until csrc/cpu/dd_common.c on h-cuda defines them): weak stand-ins for the new
- * decdec.h rules, written from the header's text, so the CPU-only binding links and its tests run.
- * The strong definitions in dd_common.c replace these at link time; delete this block once
- * h-cuda is merged.  Tests compare the values against decdec.formats / closed forms. */
-#if defined(__GNUC__) && !defined(DD_PY_NO_WEAK_RULES)
-__attribute__((weak)) int32_t dd_n_tb_max(int32_t n_sm) { return n_sm - 1 > 1 ? n_sm - 1 : 1; }
-__attribute__((weak)) int32_t dd_n_tb_default(int32_t n_sm) {
-    int32_t d = n_sm / 8, hi = dd_n_tb_max(n_sm);
-    return d < 1 ? 1 : d > hi ? hi : d;
-}
-__attribute__((weak)) size_t dd_weight_nbytes(const dd_shape *s) {
-    return (size_t)s->d_out * dd_qweight_row_bytes(s) + 4u * (size_t)s->d_out * (size_t)dd_num_groups(s) +
-           2u * (size_t)s->d_out + 4u * (size_t)s->d_in;
-}
-__attribute__((weak)) size_t dd_residual_nbytes(const dd_shape *s) {
-    return (size_t)s->d_in * dd_residual_row_bytes(s);
-}
-__attribute__((weak)) size_t dd_fetch_nbytes(const dd_shape *s, int32_t k_chunk) {
-    return (size_t)dd_total_quota(s->d_in, k_chunk) * dd_residual_row_bytes(s);
-}
-#endif
 
 PyObject *DecdecError = NULL;
 PyObject *DecdecCudaError = NULL;
