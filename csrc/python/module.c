@@ -110,6 +110,10 @@ static PyObject *py_cuda_sm_count(PyObject *m, PyObject *args, PyObject *kwds) {
     int device = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:cuda_sm_count", kwlist, &device)) return NULL;
 #ifdef DD_PY_CUDA
+    if (dd_cuda_device_count() <= 0) {
+        PyErr_SetString(DecdecCudaError, "cuda_sm_count: no usable CUDA device or driver");
+        return NULL;
+    }
     if (device < 0 || device >= dd_cuda_device_count())
         return PyErr_Format(PyExc_ValueError, "device must be in [0, %d), got %d", dd_cuda_device_count(),
                             device);
