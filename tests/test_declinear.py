@@ -148,7 +148,10 @@ def test_properties_and_residual_view():
     layer = make_declinear(qw, cs, t, k_chunk=8)
     assert (layer.in_features, layer.out_features, layer.bits, layer.group_size) == (1100, 96, 3, 128)
     assert layer.backend == "cpu" and layer.selection == "bucket" and layer.k_chunk == 8
-    assert layer.residual_nbytes == cs.codes.nbytes + cs.scales.nbytes
+    assert layer.residual_nbytes == cs.codes.nbytes  # v2: the codes only (dd_residual_nbytes)
+    # weight_nbytes: packed weight + fp16 scales and zeros + fp16 residual scales + fp32 thresholds
+    assert layer.weight_nbytes == (qw.qweight.nbytes + qw.scales.nbytes + qw.zeros.nbytes
+                                   + cs.scales.nbytes + t.nbytes)
     assert layer.fetch_nbytes == (8 + 1) * 48  # chunks of 1024 and 76 -> quotas 8 and 1
     view = layer.residual_codes
     np.testing.assert_array_equal(view, cs.codes)

@@ -118,29 +118,61 @@ def test_bad_forward_and_setters(parts):
     assert layer.k_chunk == 0 and layer.selection == "bucket"
 
 
+ARRAY_NAMES = ["qweight", "scales", "zeros", "residual_codes", "residual_scales", "thresholds"]
+SHAPE_NAMES = ["in_features", "out_features", "bits", "group_size"]
+
+
+def _valid_change(parts, key, value):
+    """Whether replacing parts[key] by value alone leaves a valid layer (written from the rules of
+    decdec.h, not from the binding): the expectation the fuzz test checks every case against."""
+    if key in ARRAY_NAMES:
+        ref = parts[key]
+        ok = (isinstance(value, np.ndarray) and value.dtype == ref.dtype and value.shape == ref.shape)
+        if ok and key == "thresholds":
+            ok = bool(np.all(np.isfinite(value)) and np.all(value >= 0) and np.all(np.diff(value) <= 0))
+        return ok
+    if key == "k_chunk":
+        return 0 <= value <= 1024
+    return value == parts[key]  # any other shape value mismatches the arrays or is invalid
+
+
 def test_fuzz_malformed_constructions_never_crash(parts):
-    """A few thousand random malformed constructions: each raises a Python exception or builds."""
+    """Random malformed constructions: each case is predicted valid or invalid from the format rules;
+    a valid one must build and run, an invalid one must raise TypeError/ValueError whose message
+    names one of the arguments that made it invalid (or an array whose shape that argument sets)."""
     rng = np.random.default_rng(21)
-    names = ["qweight", "scales", "zeros", "residual_codes", "residual_scales", "thresholds"]
     junk = [None, 3, "x", np.zeros(0, np.uint8), np.zeros((2, 2), np.float16),
             np.zeros((D_OUT, 5), np.uint8), np.full(D_IN, np.nan, np.float32),
             np.zeros((D_IN, D_OUT), np.uint8), np.zeros(D_IN, np.float32)]
-    built = raised = 0
-    for _ in range(3000):
+    built = raised = predicted_valid = 0
+    for case in range(3000):
         kw = dict(parts)
+        changed = {}
         for _ in range(int(rng.integers(1, 3))):
-            key = rng.choice(names + ["in_features", "out_features", "bits", "group_size", "k_chunk"])
-            if key in names:
-                kw[key] = junk[int(rng.integers(len(junk)))]
+            key = str(rng.choice(ARRAY_NAMES + SHAPE_NAMES + ["k_chunk"]))
+            if key in ARRAY_NAMES:
+                kw[key] = changed[key] = junk[int(rng.integers(len(junk)))]
             else:
-                kw[key] = int(rng.choice([-5, 0, 1, 3, 4, 31, 32, 64, 128, 1024, 2**31 - 1, 10**6]))
+                kw[key] = changed[key] = int(rng.choice([-5, 0, 1, 3, 4, 31, 32, 64, 128, 1024,
+                                                         2**31 - 1, 10**6]))
+        bad = [k for k, v in changed.items() if not _valid_change(parts, k, v)]
+        predicted_valid += not bad
         try:
             layer = build(kw)
-            layer.forward(np.ones(layer.in_features, np.float32))
-            built += 1
-        except (TypeError, ValueError, OverflowError, NotImplementedError, MemoryError):
+        except (TypeError, ValueError) as e:
             raised += 1
-    assert raised > 2000 and built + raised == 3000
+            assert bad, f"case {case}: valid change {changed} raised {e!r}"
+            names = set(bad)
+            if names & set(SHAPE_NAMES):
+                names |= set(ARRAY_NAMES)  # a shape argument shows up as a mismatching array
+            assert any(n in str(e) for n in names), f"case {case}: {e!r} names none of {sorted(names)}"
+            continue
+        assert not bad, f"case {case}: invalid change {changed} built"
+        built += 1
+        y = layer.forward(np.ones(layer.in_features, np.float32))
+        assert y.shape == (D_OUT,) and np.isfinite(y).all()
+    assert built == predicted_valid and built + raised == 3000
+    assert raised > 2000 and built > 50  # the generator exercises both sides
 
 
 def rss_bytes():
@@ -166,12 +198,47 @@ def test_no_leak_over_10000_objects(parts):
 
 def test_n_tb_property(parts):
     layer = build(parts)
-    assert layer.n_tb == 16
+    assert layer.n_tb == 16 == decdec._C.CPU_DEFAULT_N_TB
     layer.n_tb = 8
     assert layer.n_tb == 8
-    for bad in (0, -1, 1025):
+    layer.n_tb = decdec._C.N_TB_LIMIT
+    for bad in (0, -1, decdec._C.N_TB_LIMIT + 1, 2**70):
         with pytest.raises(ValueError, match="n_tb"):
             layer.n_tb = bad
     with pytest.raises(TypeError, match="n_tb must be an int"):
         layer.n_tb = 4.0
-    assert layer.n_tb == 8
+    with pytest.raises(TypeError, match="n_tb must be an int"):
+        layer.n_tb = True
+    assert layer.n_tb == decdec._C.N_TB_LIMIT
+    assert build(parts, n_tb=3).n_tb == 3
+    with pytest.raises(ValueError, match="n_tb"):
+        build(parts, n_tb=0)
+
+
+def test_n_tb_rule_functions():
+    C = decdec._C
+    for n_sm in (1, 2, 3, 8, 15, 16, 17, 108, 132, 1000):
+        hi = C.n_tb_max(n_sm)
+        assert hi == max(1, n_sm - 1)
+        assert C.n_tb_default(n_sm) == min(max(n_sm // 8, 1), hi)
+    assert C.n_tb_default(132) == 16 and C.n_tb_default(16) == 2
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="n_sm"):
+            C.n_tb_max(bad)
+    with pytest.raises(TypeError):
+        C.n_tb_default("16")
+
+
+def test_accumulate_without_out_is_an_error(parts):
+    """v1 ignored accumulate=True without out= on the CPU (and raised on CUDA)."""
+    layer = build(parts)
+    with pytest.raises(ValueError, match="accumulate=True needs out="):
+        layer.forward(np.ones(D_IN, np.float32), accumulate=True)
+
+
+def test_too_many_tokens_is_a_value_error(parts):
+    layer = build(parts)
+    n = 2**31 // D_IN + 1  # a zero-stride view: no memory behind it
+    x = np.lib.stride_tricks.as_strided(np.zeros(D_IN, np.float32), (n, D_IN), (0, 4))
+    with pytest.raises(ValueError, match="tokens"):
+        layer.forward(x)

@@ -1,6 +1,10 @@
 /* decdec._C: module init, exceptions, and the status -> exception mapping. */
 #define DD_IMPORT_ARRAY_HERE
 #include "dd_python.h"
+#ifdef DD_PY_CUDA
+#include "py_cuda_common.h"
+#endif
+
 
 PyObject *DecdecError = NULL;
 PyObject *DecdecCudaError = NULL;
@@ -66,10 +70,76 @@ static PyObject *py_bucket_floors(PyObject *m, PyObject *args) {
     return f;
 }
 
+/* ---- the shared rules of decdec.h, exposed so decdec.formats / decdec.pipeline mirror them --- */
+
+static PyObject *py_n_tb_max(PyObject *m, PyObject *arg) {
+    (void)m;
+    int32_t n_sm;
+    if (dd_py_parse_int_in(arg, "n_sm", 1, 1 << 20, &n_sm) < 0) return NULL;
+    return PyLong_FromLong(dd_n_tb_max(n_sm));
+}
+
+static PyObject *py_n_tb_default(PyObject *m, PyObject *arg) {
+    (void)m;
+    int32_t n_sm;
+    if (dd_py_parse_int_in(arg, "n_sm", 1, 1 << 20, &n_sm) < 0) return NULL;
+    return PyLong_FromLong(dd_n_tb_default(n_sm));
+}
+
+static PyObject *py_layer_nbytes(PyObject *m, PyObject *args, PyObject *kwds) {
+    (void)m;
+    static char *kwlist[] = {"in_features", "out_features", "bits", "group_size", "k_chunk", NULL};
+    int d_in, d_out, bits, group_size;
+    PyObject *k_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiO:layer_nbytes", kwlist, &d_in, &d_out, &bits,
+                                     &group_size, &k_obj))
+        return NULL;
+    dd_shape s;
+    int32_t k_chunk;
+    if (dd_py_check_shape(d_in, d_out, bits, group_size, &s) < 0 ||
+        dd_py_parse_int_in(k_obj, "k_chunk", 0, DD_CHUNK, &k_chunk) < 0)
+        return NULL;
+    return Py_BuildValue("{s:n,s:n,s:n}", "weight", (Py_ssize_t)dd_weight_nbytes(&s), "residual",
+                         (Py_ssize_t)dd_residual_nbytes(&s), "fetch",
+                         (Py_ssize_t)dd_fetch_nbytes(&s, k_chunk));
+}
+
+static PyObject *py_cuda_sm_count(PyObject *m, PyObject *args, PyObject *kwds) {
+    (void)m;
+    static char *kwlist[] = {"device", NULL};
+    int device = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:cuda_sm_count", kwlist, &device)) return NULL;
+#ifdef DD_PY_CUDA
+    if (dd_cuda_device_count() <= 0) {
+        PyErr_SetString(DecdecCudaError, "cuda_sm_count: no usable CUDA device or driver");
+        return NULL;
+    }
+    if (device < 0 || device >= dd_cuda_device_count())
+        return PyErr_Format(PyExc_ValueError, "device must be in [0, %d), got %d", dd_cuda_device_count(),
+                            device);
+    int n_sm = 0;
+    dd_status st = dd_cuda_device_sm_count(device, &n_sm);
+    if (st != DD_OK) return dd_py_cuda_raise(st, "cuda_sm_count");
+    return PyLong_FromLong(n_sm);
+#else
+    (void)device;
+    PyErr_SetString(PyExc_RuntimeError, "cuda_sm_count: this build of decdec has no CUDA backend");
+    return NULL;
+#endif
+}
+
 static PyMethodDef module_methods[] = {
     {"cuda_available", py_cuda_available, METH_NOARGS, "Whether a usable CUDA GPU is present."},
     {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "Whether this build has the CUDA backend."},
     {"bucket_floors", py_bucket_floors, METH_VARARGS, "bucket_floors(thresholds, k_total) -> float32[32]"},
+    {"n_tb_max", py_n_tb_max, METH_O, "n_tb_max(n_sm): the largest n_tb a GPU of n_sm multiprocessors takes"},
+    {"n_tb_default", py_n_tb_default, METH_O, "n_tb_default(n_sm): the default n_tb on a GPU of n_sm multiprocessors"},
+    {"cuda_sm_count", (PyCFunction)(void (*)(void))py_cuda_sm_count, METH_VARARGS | METH_KEYWORDS,
+     "cuda_sm_count(device=0): multiprocessors of a CUDA device"},
+    {"layer_nbytes", (PyCFunction)(void (*)(void))py_layer_nbytes, METH_VARARGS | METH_KEYWORDS,
+     "layer_nbytes(in_features, out_features, bits, group_size, k_chunk) -> {'weight', 'residual', "
+     "'fetch'}: the byte rules of decdec.h (GPU-resident weights, residual codes, residual bytes "
+     "fetched per token)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "decdec._C",
@@ -88,6 +158,8 @@ PyMODINIT_FUNC PyInit__C(void) {
     if (!DecdecCudaError || PyModule_AddObjectRef(m, "CudaError", DecdecCudaError) < 0) goto fail;
     if (PyType_Ready(&DecLinear_Type) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "DecLinear", (PyObject *)&DecLinear_Type) < 0) goto fail;
+    if (PyType_Ready(&LayerWeights_Type) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "_LayerWeights", (PyObject *)&LayerWeights_Type) < 0) goto fail;
 #ifdef DD_PY_CUDA
     if (dd_py_cuda_types_init(m) < 0) goto fail;
 #endif
@@ -96,7 +168,11 @@ PyMODINIT_FUNC PyInit__C(void) {
         PyModule_AddIntConstant(m, "NUM_BUCKETS", DD_NUM_BUCKETS) < 0 ||
         PyModule_AddIntConstant(m, "BLOCK", DD_BLOCK) < 0 ||
         PyModule_AddIntConstant(m, "OUT_ALIGN", DD_OUT_ALIGN) < 0 ||
-        PyModule_AddIntConstant(m, "RESIDUAL_SCALE_CANDIDATES", DD_RESIDUAL_SCALE_CANDIDATES) < 0)
+        PyModule_AddIntConstant(m, "RESIDUAL_SCALE_CANDIDATES", DD_RESIDUAL_SCALE_CANDIDATES) < 0 ||
+        PyModule_AddIntConstant(m, "RESIDUAL_MAX_CODE", DD_RESIDUAL_MAX_CODE) < 0 ||
+        PyModule_AddIntConstant(m, "RESIDUAL_NIBBLE_BIAS", DD_RESIDUAL_NIBBLE_BIAS) < 0 ||
+        PyModule_AddIntConstant(m, "N_TB_LIMIT", DD_N_TB_LIMIT) < 0 ||
+        PyModule_AddIntConstant(m, "CPU_DEFAULT_N_TB", DD_PY_CPU_DEFAULT_N_TB) < 0)
         goto fail;
     return m;
 fail:

@@ -1,6 +1,8 @@
 /* Shared by py_device_array.c and py_declinear_cuda.c (CUDA builds only). */
 #ifndef DD_PY_CUDA_COMMON_H
 #define DD_PY_CUDA_COMMON_H
+#include <stddef.h>
+
 #include "../cuda/dd_cuda.h"
 
 typedef struct {
@@ -11,6 +13,7 @@ typedef struct {
     int device;
     int raw;
     long long stream;     /* from __cuda_array_interface__; -1 when absent */
+    int read_only;        /* __cuda_array_interface__ data[1] */
     PyObject *keep;       /* new reference to what keeps ptr alive (DLPack owner, CAI object), or NULL */
 } dd_device_view;
 
@@ -18,6 +21,16 @@ typedef struct {
 int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v);
 /* Drop what the view keeps alive (after the call that used ptr has been enqueued). Idempotent. */
 void dd_py_device_view_release(dd_device_view *v);
+/* A new DeviceArray on the current device; ValueError when the size overflows. */
 PyObject *dd_py_device_array_empty(int ndim, const Py_ssize_t *shape, int typenum);
 PyObject *dd_py_cuda_raise(dd_status st, const char *context);
+
+/* ---- provided by dd_cuda_runtime.cu (lead) ------------------------------------------------
+ * Not in dd_cuda.h yet at the time of writing; the binding declares them here so that it stays
+ * plain C (no cuda_runtime.h).  Remove these two declarations once dd_cuda.h carries them. */
+/* *capturing = 1 when `stream` (NULL = legacy default, (void *)2 = per-thread default) is
+ * capturing a CUDA graph (cudaStreamIsCapturing != cudaStreamCaptureStatusNone), else 0. */
+dd_status dd_cuda_stream_is_capturing(void *stream, int *capturing);
+/* *n_sm = cudaDevAttrMultiProcessorCount of `device`. */
+dd_status dd_cuda_device_sm_count(int device, int *n_sm);
 #endif

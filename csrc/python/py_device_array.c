@@ -2,9 +2,10 @@
  * exporting __cuda_array_interface__ v3 and DLPack, so decdec runs on the GPU without torch;
  * plus the parser that turns any CAI / DLPack / DeviceArray / int pointer into a device view,
  * and the module-level benchmark hooks used by decdec.bench. */
+#include "dd_python.h" /* Python.h first */
+
 #include <string.h>
 
-#include "dd_python.h"
 #include "py_cuda_common.h"
 
 /* ---- minimal DLPack ABI (dlpack.h v0.8, unversioned capsule "dltensor") ------------------- */
@@ -58,12 +59,35 @@ PyObject *dd_py_cuda_raise(dd_status st, const char *context) {
     return dd_py_raise(st, context);
 }
 
-static DeviceArrayObject *device_array_new(int ndim, const Py_ssize_t *shape, int typenum) {
-    size_t n = 1;
-    for (int d = 0; d < ndim; d++) n *= (size_t)shape[d];
+/* Bytes of an ndim-D array of typenum: -1 + ValueError on a negative dimension or overflow. */
+static int array_nbytes(int ndim, const Py_ssize_t *shape, int typenum, size_t *nbytes, const char *name) {
+    if (!name) name = "DeviceArray";
     PyArray_Descr *descr = PyArray_DescrFromType(typenum);
-    size_t nbytes = n * (size_t)PyDataType_ELSIZE(descr);
+    if (!descr) return -1;
+    size_t n = (size_t)PyDataType_ELSIZE(descr);
     Py_DECREF(descr);
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative dimension %zd", name, shape[d]);
+            return -1;
+        }
+        if (shape[d] != 0 && n > (size_t)PY_SSIZE_T_MAX / (size_t)shape[d]) {
+            PyErr_Format(PyExc_ValueError, "%s: array size overflows (shape too large)", name);
+            return -1;
+        }
+        n *= (size_t)shape[d];
+    }
+    *nbytes = n;
+    return 0;
+}
+
+static DeviceArrayObject *device_array_new(int ndim, const Py_ssize_t *shape, int typenum) {
+    size_t nbytes = 0;
+    if (ndim < 1 || ndim > 2) {
+        PyErr_Format(PyExc_ValueError, "DeviceArray is 1-D or 2-D, got %d dimensions", ndim);
+        return NULL;
+    }
+    if (array_nbytes(ndim, shape, typenum, &nbytes, NULL) < 0) return NULL;
     DeviceArrayObject *a = PyObject_New(DeviceArrayObject, &DeviceArray_Type);
     if (!a) return NULL;
     a->ptr = NULL;
@@ -75,7 +99,7 @@ static DeviceArrayObject *device_array_new(int ndim, const Py_ssize_t *shape, in
     a->device = 0;
     dd_status st = dd_cuda_get_device(&a->device);
     void *p = NULL;
-    if (st == DD_OK) st = dd_cuda_malloc(&p, nbytes);
+    if (st == DD_OK && nbytes > 0) st = dd_cuda_malloc(&p, nbytes);
     if (st != DD_OK) {
         Py_DECREF(a);
         dd_py_cuda_raise(st, "allocating a DeviceArray");
@@ -114,7 +138,7 @@ static PyObject *device_array_from_numpy(PyObject *obj) {
     if (a) {
         dd_status st;
         Py_BEGIN_ALLOW_THREADS
-        st = dd_cuda_memcpy(a->ptr, PyArray_DATA(arr), a->nbytes, 0, NULL, 1);
+        st = a->nbytes ? dd_cuda_memcpy(a->ptr, PyArray_DATA(arr), a->nbytes, 0, NULL, 1) : DD_OK;
         Py_END_ALLOW_THREADS
         if (st != DD_OK) {
             Py_CLEAR(a);
@@ -151,9 +175,24 @@ static PyObject *device_array_empty(PyObject *cls, PyObject *args) {
     }
     Py_ssize_t shape[2] = {1, 1};
     int ndim = 1;
-    if (PyLong_Check(shape_obj)) shape[0] = PyLong_AsSsize_t(shape_obj);
-    else if (!PyArg_ParseTuple(shape_obj, "n|n", &shape[0], &shape[1])) return NULL;
-    else ndim = (int)PyTuple_GET_SIZE(shape_obj);
+    if (PyLong_Check(shape_obj)) {
+        shape[0] = PyLong_AsSsize_t(shape_obj);
+    } else if (PyTuple_Check(shape_obj) && PyTuple_GET_SIZE(shape_obj) >= 1 && PyTuple_GET_SIZE(shape_obj) <= 2) {
+        ndim = (int)PyTuple_GET_SIZE(shape_obj);
+        for (int d = 0; d < ndim; d++) {
+            PyObject *item = PyTuple_GET_ITEM(shape_obj, d);
+            if (!PyLong_Check(item) || PyBool_Check(item)) {
+                PyErr_Format(PyExc_TypeError, "DeviceArray.empty: shape entries must be ints, got %s",
+                             Py_TYPE(item)->tp_name);
+                return NULL;
+            }
+            shape[d] = PyLong_AsSsize_t(item);
+            if (PyErr_Occurred()) return NULL;
+        }
+    } else {
+        PyErr_SetString(PyExc_TypeError, "DeviceArray.empty: shape must be an int or a tuple of 1 or 2 ints");
+        return NULL;
+    }
     if (PyErr_Occurred()) return NULL;
     if (shape[0] < 0 || shape[1] < 0) {
         PyErr_SetString(PyExc_ValueError, "DeviceArray.empty: negative dimension");
@@ -169,7 +208,7 @@ static PyObject *device_array_numpy(DeviceArrayObject *a, PyObject *noargs) {
     if (!out) return NULL;
     dd_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = dd_cuda_memcpy(PyArray_DATA(out), a->ptr, a->nbytes, 1, NULL, 1);
+    st = a->nbytes ? dd_cuda_memcpy(PyArray_DATA(out), a->ptr, a->nbytes, 1, NULL, 1) : DD_OK;
     Py_END_ALLOW_THREADS
     if (st != DD_OK) {
         Py_DECREF(out);
@@ -312,16 +351,26 @@ static PyTypeObject DeviceArray_Type = {
 
 /* ---- importing device views ------------------------------------------------------------ */
 
-/* A DLPack producer (JAX, CuPy, torch, another DeviceArray...): take its capsule, read the tensor,
- * and drop the capsule unconsumed, so the producer's destructor runs its deleter.  The memory stays
- * valid because the caller holds the producer object for the whole call, as with CAI; the capsule is
- * asked for on the legacy default stream (1), where decdec launches unless stream= says otherwise. */
+/* An imported DLPack tensor, consumed: the capsule was renamed "used_dltensor" (so the producer's
+ * capsule destructor leaves it alone) and this holder capsule calls the managed tensor's deleter
+ * exactly once, when the view that keeps it is released. */
+static void dl_import_destructor(PyObject *cap) {
+    DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "decdec.dlpack_import");
+    if (!m) { PyErr_Clear(); return; }
+    if (m->deleter) m->deleter(m);
+}
+
+/* A DLPack producer (JAX, CuPy, torch, another DeviceArray...): take its capsule, consume it, read
+ * the tensor; the view keeps the managed tensor alive (v->keep) until dd_py_device_view_release,
+ * which runs its deleter.  The capsule is asked for on the legacy default stream (1), where
+ * decdec launches unless stream= says otherwise. */
 static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
     PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
     if (!dev) return -1;
     int dev_type = -1, dev_id = -1;
-    if (!PyArg_ParseTuple(dev, "ii", &dev_type, &dev_id)) {
+    if (!PyTuple_Check(dev) || !PyArg_ParseTuple(dev, "ii", &dev_type, &dev_id)) {
         Py_DECREF(dev);
+        PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "%s: __dlpack_device__ must return (device_type, device_id)", name);
         return -1;
     }
@@ -339,21 +388,35 @@ static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
     Py_XDECREF(meth);
     Py_XDECREF(kw);
     if (!cap) return -1;
-    int rc = -1;
-    DLManagedTensor *m = PyCapsule_IsValid(cap, "dltensor") ? (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor") : NULL;
-    if (!m) {
-        PyErr_Clear();
+    if (!PyCapsule_CheckExact(cap) || !PyCapsule_IsValid(cap, "dltensor")) {
+        Py_DECREF(cap);
         PyErr_Format(PyExc_TypeError, "%s: __dlpack__ did not return an unconsumed 'dltensor' capsule", name);
-        goto done;
+        return -1;
     }
+    DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
+    if (!m) { Py_DECREF(cap); return -1; }
+    /* consume it: from here on the deleter is ours to call (once) */
+    if (PyCapsule_SetName(cap, "used_dltensor") < 0) { Py_DECREF(cap); return -1; }
+    Py_DECREF(cap);
+    PyObject *holder = PyCapsule_New(m, "decdec.dlpack_import", dl_import_destructor);
+    if (!holder) {
+        if (m->deleter) m->deleter(m);
+        return -1;
+    }
+    v->keep = holder; /* released (and the deleter run) by dd_py_device_view_release */
     const DLTensor *t = &m->dl_tensor;
-    if (t->ndim < 1 || t->ndim > 2) {
+    if (t->device.device_type != kDLCUDA) {
+        PyErr_Format(PyExc_ValueError, "%s: the DLPack tensor is on device type %d, not CUDA (2)", name,
+                     (int)t->device.device_type);
+        return -1;
+    }
+    if (t->ndim < 1 || t->ndim > 2 || !t->shape) {
         PyErr_Format(PyExc_ValueError, "%s must be 1-D or 2-D, got %d dimensions", name, (int)t->ndim);
-        goto done;
+        return -1;
     }
     if (t->dtype.lanes != 1) {
         PyErr_Format(PyExc_TypeError, "%s: vector DLPack dtypes are not supported", name);
-        goto done;
+        return -1;
     }
     if (t->dtype.code == kDLFloat && t->dtype.bits == 16) v->typenum = NPY_FLOAT16;
     else if (t->dtype.code == kDLFloat && t->dtype.bits == 32) v->typenum = NPY_FLOAT32;
@@ -362,33 +425,192 @@ static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
     else {
         PyErr_Format(PyExc_TypeError, "%s: unsupported DLPack dtype (code %d, %d bits)", name,
                      (int)t->dtype.code, (int)t->dtype.bits);
-        goto done;
+        return -1;
     }
     v->ndim = (int)t->ndim;
-    for (int d = 0; d < v->ndim; d++) v->shape[d] = (Py_ssize_t)t->shape[d];
+    for (int d = 0; d < v->ndim; d++) {
+        if (t->shape[d] < 0 || t->shape[d] > PY_SSIZE_T_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: DLPack dimension %d is %lld", name, d, (long long)t->shape[d]);
+            return -1;
+        }
+        v->shape[d] = (Py_ssize_t)t->shape[d];
+    }
+    size_t nbytes;
+    if (array_nbytes(v->ndim, v->shape, v->typenum, &nbytes, name) < 0) return -1;
     if (t->strides) { /* strides are in elements; only C-contiguous layouts are accepted */
         int64_t want = 1;
         for (int d = v->ndim - 1; d >= 0; d--) {
             if (t->shape[d] > 1 && t->strides[d] != want) {
                 PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
-                goto done;
+                return -1;
             }
             want *= t->shape[d];
         }
     }
+    if (t->byte_offset > (uint64_t)UINTPTR_MAX - (uintptr_t)t->data) {
+        PyErr_Format(PyExc_ValueError, "%s: DLPack byte_offset overflows the pointer", name);
+        return -1;
+    }
     v->ptr = (char *)t->data + t->byte_offset;
-    rc = 0;
-done:
-    Py_DECREF(cap);
-    return rc;
+    return 0;
+}
+
+/* 1 when obj (an int) is negative, else 0. */
+static int int_is_negative(PyObject *obj) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+    return overflow < 0 || (overflow == 0 && v < 0);
+}
+
+/* An integer-like item of a CAI tuple (int or __index__, not bool): 0 / -1 + exception. */
+static int cai_int(PyObject *item, const char *name, const char *what, long long *out) {
+    if (PyBool_Check(item) || !PyIndex_Check(item)) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: %s must be ints, got %s",
+                     name, what, Py_TYPE(item)->tp_name);
+        return -1;
+    }
+    PyObject *i = PyNumber_Index(item);
+    if (!i) return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(i, &overflow);
+    Py_DECREF(i);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "%s: malformed __cuda_array_interface__: %s out of range", name, what);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* __cuda_array_interface__ (v2/v3) of obj into v; every item's type and size checked. */
+static int cai_view(PyObject *obj, PyObject *cai, const char *name, dd_device_view *v) {
+    if (!PyDict_Check(cai)) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: a dict expected, got %s", name,
+                     Py_TYPE(cai)->tp_name);
+        return -1;
+    }
+    PyObject *shape = PyDict_GetItemString(cai, "shape"); /* borrowed */
+    PyObject *ts = PyDict_GetItemString(cai, "typestr");
+    PyObject *data = PyDict_GetItemString(cai, "data");
+    PyObject *strides = PyDict_GetItemString(cai, "strides");
+    PyObject *stream = PyDict_GetItemString(cai, "stream");
+    PyObject *mask = PyDict_GetItemString(cai, "mask");
+    if (!shape || !PyTuple_Check(shape)) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'shape' must be a tuple", name);
+        return -1;
+    }
+    if (!ts || !PyUnicode_Check(ts)) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'typestr' must be a str", name);
+        return -1;
+    }
+    if (!data || !PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'data' must be a tuple "
+                     "(pointer: int, read_only: bool)", name);
+        return -1;
+    }
+    if (mask && mask != Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s: masked __cuda_array_interface__ arrays are not supported", name);
+        return -1;
+    }
+    Py_ssize_t nd = PyTuple_GET_SIZE(shape);
+    if (nd < 1 || nd > 2) {
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D or 2-D, got %zd dimensions", name, nd);
+        return -1;
+    }
+    v->ndim = (int)nd;
+    for (int d = 0; d < v->ndim; d++) {
+        long long e;
+        if (cai_int(PyTuple_GET_ITEM(shape, d), name, "shape entries", &e) < 0) return -1;
+        if (e < 0 || e > PY_SSIZE_T_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: malformed __cuda_array_interface__: shape entry %d is %lld",
+                         name, d, e);
+            return -1;
+        }
+        v->shape[d] = (Py_ssize_t)e;
+    }
+    const char *tss = PyUnicode_AsUTF8(ts);
+    if (!tss) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'typestr' is not valid UTF-8", name);
+        return -1;
+    }
+    v->typenum = typenum_of(tss);
+    if (v->typenum < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: unsupported typestr %R (float16 '<f2', float32 '<f4', uint8 "
+                     "'|u1' or int32 '<i4')", name, ts);
+        return -1;
+    }
+    size_t nbytes;
+    if (array_nbytes(v->ndim, v->shape, v->typenum, &nbytes, name) < 0) return -1;
+    PyObject *p = PyTuple_GET_ITEM(data, 0), *ro = PyTuple_GET_ITEM(data, 1);
+    if (!PyLong_Check(p) || PyBool_Check(p) || !PyBool_Check(ro)) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'data' must be a tuple "
+                     "(pointer: int, read_only: bool)", name);
+        return -1;
+    }
+    if (int_is_negative(p)) {
+        PyErr_Format(PyExc_ValueError, "%s: malformed __cuda_array_interface__: negative pointer", name);
+        return -1;
+    }
+    v->ptr = PyLong_AsVoidPtr(p);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: malformed __cuda_array_interface__: the pointer does not fit", name);
+        return -1;
+    }
+    v->read_only = ro == Py_True;
+    if (strides && strides != Py_None) { /* only C-contiguous strides are accepted */
+        if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
+            PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'strides' must be None or a "
+                         "tuple of %zd ints", name, nd);
+            return -1;
+        }
+        long long want = v->typenum == NPY_FLOAT32 || v->typenum == NPY_INT32 ? 4 : v->typenum == NPY_UINT8 ? 1 : 2;
+        for (int d = v->ndim - 1; d >= 0; d--) {
+            long long sd;
+            if (cai_int(PyTuple_GET_ITEM(strides, d), name, "strides", &sd) < 0) return -1;
+            if (v->shape[d] > 1 && sd != want) {
+                PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
+                return -1;
+            }
+            want *= v->shape[d]; /* bounded by nbytes, checked above */
+        }
+    }
+    if (stream && stream != Py_None) {
+        long long sv;
+        if (cai_int(stream, name, "'stream'", &sv) < 0) return -1;
+        if (sv <= 0) {
+            PyErr_Format(PyExc_ValueError, "%s: malformed __cuda_array_interface__: 'stream' %lld (0 is "
+                         "disallowed by CAI v3; None, 1, 2 or a stream handle)", name, sv);
+            return -1;
+        }
+        v->stream = sv;
+    }
+    Py_INCREF(obj);
+    v->keep = obj;
+    return 0;
+}
+
+void dd_py_device_view_release(dd_device_view *v) {
+    Py_CLEAR(v->keep);
 }
 
 int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
     memset(v, 0, sizeof *v);
     v->stream = -1; /* none given */
-    if (PyLong_Check(obj)) { /* a raw pointer: the caller vouches for dtype and shape */
+    if (PyLong_Check(obj) && !PyBool_Check(obj)) { /* a raw pointer: the caller vouches for dtype and shape */
+        if (int_is_negative(obj)) {
+            PyErr_Format(PyExc_ValueError, "%s: a negative int is not a device pointer", name);
+            return -1;
+        }
         v->ptr = PyLong_AsVoidPtr(obj);
-        if (PyErr_Occurred()) return -1;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s: the int does not fit a device pointer", name);
+            return -1;
+        }
         v->raw = 1;
         v->ndim = -1;
         v->typenum = -1;
@@ -399,12 +621,15 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
         v->shape[0] = a->shape[0];
         v->shape[1] = a->shape[1];
         v->typenum = a->typenum;
+        Py_INCREF(obj);
+        v->keep = obj;
     } else if (!PyObject_HasAttrString(obj, "__cuda_array_interface__") &&
                PyObject_HasAttrString(obj, "__dlpack__") && !PyArray_Check(obj)) {
-        if (dlpack_view(obj, name, v) < 0) return -1;
+        if (dlpack_view(obj, name, v) < 0) goto fail;
     } else {
         PyObject *cai = PyObject_GetAttrString(obj, "__cuda_array_interface__");
         if (!cai) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1; /* a property that raised */
             PyErr_Clear();
             if (PyArray_Check(obj)) {
                 PyErr_Format(PyExc_TypeError, "%s is a NumPy (host) array; the CUDA DecLinear needs device "
@@ -415,58 +640,32 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
                          "DeviceArray or an int device pointer), got %s", name, Py_TYPE(obj)->tp_name);
             return -1;
         }
-        int rc = -1;
-        PyObject *shape = PyDict_Check(cai) ? PyDict_GetItemString(cai, "shape") : NULL;
-        PyObject *ts = PyDict_Check(cai) ? PyDict_GetItemString(cai, "typestr") : NULL;
-        PyObject *data = PyDict_Check(cai) ? PyDict_GetItemString(cai, "data") : NULL;
-        PyObject *strides = PyDict_Check(cai) ? PyDict_GetItemString(cai, "strides") : NULL;
-        PyObject *stream = PyDict_Check(cai) ? PyDict_GetItemString(cai, "stream") : NULL;
-        if (!shape || !PyTuple_Check(shape) || !ts || !PyUnicode_Check(ts) || !data || !PyTuple_Check(data)) {
-            PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__", name);
-            goto done;
-        }
-        v->ndim = (int)PyTuple_GET_SIZE(shape);
-        if (v->ndim < 1 || v->ndim > 2) {
-            PyErr_Format(PyExc_ValueError, "%s must be 1-D or 2-D, got %d dimensions", name, v->ndim);
-            goto done;
-        }
-        for (int d = 0; d < v->ndim; d++) v->shape[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
-        v->typenum = typenum_of(PyUnicode_AsUTF8(ts));
-        v->ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0));
-        if (PyErr_Occurred()) goto done;
-        if (strides && strides != Py_None) { /* only C-contiguous strides are accepted */
-            Py_ssize_t want = v->typenum == NPY_FLOAT32 || v->typenum == NPY_INT32 ? 4 : v->typenum == NPY_UINT8 ? 1 : 2;
-            for (int d = v->ndim - 1; d >= 0; d--) {
-                Py_ssize_t sd = PyLong_AsSsize_t(PyTuple_GET_ITEM(strides, d));
-                if (v->shape[d] > 1 && sd != want) {
-                    PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
-                    goto done;
-                }
-                want *= v->shape[d];
-            }
-        }
-        if (stream && stream != Py_None) {
-            v->stream = (long long)PyLong_AsLongLong(stream);
-            if (PyErr_Occurred()) goto done;
-        }
-        rc = 0;
-    done:
+        int rc = cai_view(obj, cai, name, v);
         Py_DECREF(cai);
-        if (rc < 0) return -1;
+        if (rc < 0) goto fail;
     }
-    if (!v->ptr && !(v->ndim > 0 && (v->shape[0] == 0 || v->shape[1] == 0))) {
+    int empty = v->ndim > 0 && (v->shape[0] == 0 || (v->ndim == 2 && v->shape[1] == 0));
+    if (!v->ptr) {
+        if (empty) { /* nothing to read or write: take the current device */
+            dd_status st = dd_cuda_get_device(&v->device);
+            if (st != DD_OK) { dd_py_cuda_raise(st, name); goto fail; }
+            return 0;
+        }
         PyErr_Format(PyExc_ValueError, "%s is a null pointer", name);
-        return -1;
+        goto fail;
     }
     int kind = 0, dev = -1;
     dd_status st = dd_cuda_pointer_kind(v->ptr, &kind, &dev);
-    if (st != DD_OK) { dd_py_cuda_raise(st, name); return -1; }
+    if (st != DD_OK) { dd_py_cuda_raise(st, name); goto fail; }
     if (kind != DD_PTR_DEVICE && kind != DD_PTR_MANAGED) {
         PyErr_Format(PyExc_ValueError, "%s points to host memory; the CUDA DecLinear needs device memory", name);
-        return -1;
+        goto fail;
     }
     v->device = dev;
     return 0;
+fail:
+    dd_py_device_view_release(v);
+    return -1;
 }
 
 /* ---- benchmark hooks for decdec.bench --------------------------------------------------- */
@@ -493,17 +692,68 @@ static PyObject *py_bench_create(PyObject *m, PyObject *args) {
     return cap;
 }
 
-static PyObject *py_bench_run(PyObject *m, PyObject *args) {
+/* variant: None, or a dict of dd_cuda_variant fields (ints); unknown keys are a ValueError. */
+static int parse_variant(PyObject *obj, dd_cuda_variant *v, int *given) {
+    memset(v, 0, sizeof *v);
+    *given = 0;
+    if (obj == Py_None) return 0;
+    if (!PyDict_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "variant must be None or a dict of dd_cuda_variant fields, got %s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    static const struct { const char *name; size_t off; } fields[] = {
+        {"base_rows", offsetof(dd_cuda_variant, base_rows)},
+        {"base_grid", offsetof(dd_cuda_variant, base_grid)},
+        {"layer_rows", offsetof(dd_cuda_variant, layer_rows)},
+        {"layer_mode", offsetof(dd_cuda_variant, layer_mode)},
+        {"layer_grid_cap", offsetof(dd_cuda_variant, layer_grid_cap)},
+        {"base_sm", offsetof(dd_cuda_variant, base_sm)},
+    };
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(obj, &pos, &key, &value)) {
+        size_t f = 0, nf = sizeof fields / sizeof fields[0];
+        if (PyUnicode_Check(key))
+            for (; f < nf; f++)
+                if (PyUnicode_CompareWithASCIIString(key, fields[f].name) == 0) break;
+        if (!PyUnicode_Check(key) || f == nf) {
+            PyErr_Format(PyExc_ValueError, "variant: unknown field %R (known: base_rows, base_grid, "
+                         "layer_rows, layer_mode, layer_grid_cap, base_sm)", key);
+            return -1;
+        }
+        int32_t iv;
+        char what[64];
+        PyOS_snprintf(what, sizeof what, "variant['%s']", fields[f].name);
+        if (dd_py_parse_int_in(value, what, 0, INT32_MAX, &iv) < 0) return -1;
+        memcpy((char *)v + fields[f].off, &iv, sizeof iv);
+    }
+    *given = 1;
+    return 0;
+}
+
+static PyObject *py_bench_run(PyObject *m, PyObject *args, PyObject *kwds) {
     (void)m;
-    PyObject *cap;
+    static char *kwlist[] = {"bench", "mode", "k_chunk", "n_tb", "iters", "reps", "variant", NULL};
+    PyObject *cap, *variant_obj = Py_None;
     int mode, k_chunk, n_tb, iters, reps;
-    if (!PyArg_ParseTuple(args, "Oiiiii", &cap, &mode, &k_chunk, &n_tb, &iters, &reps)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oiiiii|O:_cuda_bench_run", kwlist, &cap, &mode, &k_chunk,
+                                     &n_tb, &iters, &reps, &variant_obj))
+        return NULL;
     dd_cuda_bench *b = (dd_cuda_bench *)PyCapsule_GetPointer(cap, "decdec.cuda_bench");
     if (!b) return NULL;
+    if (mode < DD_BENCH_BASE || mode > DD_BENCH_EMPTY)
+        return PyErr_Format(PyExc_ValueError, "mode must be one of BENCH_BASE..BENCH_EMPTY (%d..%d), got %d",
+                            DD_BENCH_BASE, DD_BENCH_EMPTY, mode);
+    if (iters < 1 || reps < 1)
+        return PyErr_Format(PyExc_ValueError, "iters and reps must be >= 1, got %d, %d", iters, reps);
+    dd_cuda_variant variant;
+    int given = 0;
+    if (parse_variant(variant_obj, &variant, &given) < 0) return NULL;
     double us = 0;
     dd_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = dd_cuda_bench_run(b, mode, k_chunk, n_tb, iters, reps, &us);
+    st = dd_cuda_bench_run(b, mode, k_chunk, n_tb, given ? &variant : NULL, iters, reps, &us);
     Py_END_ALLOW_THREADS
     if (st != DD_OK) return dd_py_cuda_raise(st, "benchmark run");
     return PyFloat_FromDouble(us);
@@ -545,7 +795,9 @@ static PyObject *py_device_name(PyObject *m, PyObject *args) {
 
 static PyMethodDef cuda_functions[] = {
     {"_cuda_bench_create", py_bench_create, METH_VARARGS, "(d_in, d_out, bits, group_size[, rotate_bytes, seed])"},
-    {"_cuda_bench_run", py_bench_run, METH_VARARGS, "(bench, mode, k_chunk, n_tb, iters, reps) -> us per call"},
+    {"_cuda_bench_run", (PyCFunction)(void (*)(void))py_bench_run, METH_VARARGS | METH_KEYWORDS,
+     "(bench, mode, k_chunk, n_tb, iters, reps, variant=None) -> us per call; variant: a dict of "
+     "dd_cuda_variant fields (base_rows, base_grid, layer_rows, layer_mode, layer_grid_cap, base_sm)"},
     {"_cuda_bench_info", py_bench_info, METH_O, "(bench) -> (layer bytes, copies, SMs)"},
     {"_cuda_bandwidth", py_bandwidth, METH_VARARGS, "([bytes, zero_copy_blocks]) -> (hbm, zero-copy, h2d) GB/s"},
     {"_cuda_device_name", py_device_name, METH_VARARGS, "([device]) -> name"},
@@ -558,5 +810,16 @@ int dd_py_cuda_types_init(PyObject *module) {
         Py_DECREF(&DeviceArray_Type);
         return -1;
     }
-    return PyModule_AddFunctions(module, cuda_functions);
+    if (PyModule_AddFunctions(module, cuda_functions) < 0) return -1;
+    static const struct { const char *name; int value; } constants[] = {
+        {"BENCH_BASE", DD_BENCH_BASE}, {"BENCH_BASE_RESERVED", DD_BENCH_BASE_RESERVED},
+        {"BENCH_FUSED", DD_BENCH_FUSED}, {"BENCH_SERIAL", DD_BENCH_SERIAL}, {"BENCH_READ", DD_BENCH_READ},
+        {"BENCH_DEC_ONLY", DD_BENCH_DEC_ONLY}, {"BENCH_FORKJOIN", DD_BENCH_FORKJOIN},
+        {"BENCH_DEC_LEGACY", DD_BENCH_DEC_LEGACY}, {"BENCH_FUSED_FULL", DD_BENCH_FUSED_FULL},
+        {"BENCH_EMPTY", DD_BENCH_EMPTY}, {"PATH_FUSED", DD_PATH_FUSED}, {"PATH_SERIAL", DD_PATH_SERIAL},
+        {"PATH_FORKJOIN", DD_PATH_FORKJOIN},
+    };
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(module, constants[i].name, constants[i].value) < 0) return -1;
+    return 0;
 }
