@@ -38,6 +38,11 @@ dd_status dd_cuda_memcpy(void *dst, const void *src, size_t bytes, int kind, voi
                          int sync);
 dd_status dd_cuda_memset(void *ptr, int value, size_t bytes, void *stream);
 dd_status dd_cuda_stream_synchronize(void *stream);
+/* *capturing = 1 while `stream` (NULL = legacy default, (void *)2 = per-thread default) is
+ * capturing a CUDA graph, else 0 (the binding refuses to allocate a workspace inside a capture). */
+dd_status dd_cuda_stream_is_capturing(void *stream, int *capturing);
+/* *n_sm = the multiprocessor count of `device` (n_tb's limits derive from it). */
+dd_status dd_cuda_device_sm_count(int device, int *n_sm);
 dd_status dd_cuda_device_synchronize(void);
 /* Pinned host memory mapped into the device address space (the residual cheatsheet's home):
  * dd_host_alloc(bytes, want_pinned=1) that fails (DD_ERR_NO_DEVICE) instead of falling back to

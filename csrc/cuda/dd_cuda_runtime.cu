@@ -115,6 +115,28 @@ extern "C" dd_status dd_cuda_memset(void *ptr, int value, size_t bytes, void *st
     return DD_OK;
 }
 
+extern "C" dd_status dd_cuda_stream_is_capturing(void *stream, int *capturing) {
+    if (!capturing) return DD_ERR_INVALID_ARGUMENT;
+    *capturing = 0;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    cudaError_t e = cudaStreamIsCapturing((cudaStream_t)stream, &status);
+    if (e == cudaErrorStreamCaptureImplicit) { /* legacy stream while another stream captures globally */
+        (void)cudaGetLastError();
+        *capturing = 1;
+        return DD_OK;
+    }
+    DD_CK(e);
+    *capturing = status != cudaStreamCaptureStatusNone;
+    return DD_OK;
+}
+
+extern "C" dd_status dd_cuda_device_sm_count(int device, int *n_sm) {
+    if (!n_sm) return DD_ERR_INVALID_ARGUMENT;
+    *n_sm = 0;
+    DD_CK(cudaDeviceGetAttribute(n_sm, cudaDevAttrMultiProcessorCount, device));
+    return DD_OK;
+}
+
 extern "C" dd_status dd_cuda_stream_synchronize(void *stream) {
     DD_CK(cudaStreamSynchronize((cudaStream_t)stream));
     return DD_OK;

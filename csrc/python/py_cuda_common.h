@@ -25,12 +25,4 @@ void dd_py_device_view_release(dd_device_view *v);
 PyObject *dd_py_device_array_empty(int ndim, const Py_ssize_t *shape, int typenum);
 PyObject *dd_py_cuda_raise(dd_status st, const char *context);
 
-/* ---- provided by dd_cuda_runtime.cu (lead) ------------------------------------------------
- * Not in dd_cuda.h yet at the time of writing; the binding declares them here so that it stays
- * plain C (no cuda_runtime.h).  Remove these two declarations once dd_cuda.h carries them. */
-/* *capturing = 1 when `stream` (NULL = legacy default, (void *)2 = per-thread default) is
- * capturing a CUDA graph (cudaStreamIsCapturing != cudaStreamCaptureStatusNone), else 0. */
-dd_status dd_cuda_stream_is_capturing(void *stream, int *capturing);
-/* *n_sm = cudaDevAttrMultiProcessorCount of `device`. */
-dd_status dd_cuda_device_sm_count(int device, int *n_sm);
 #endif
