@@ -21,7 +21,11 @@ def _copy_package(dst: Path) -> Path:
 def _import_decdec(cwd: Path) -> subprocess.CompletedProcess:
     # -I: isolated mode, so neither PYTHONPATH nor the user's site can supply another decdec; the
     # script puts cwd first on the path, exactly as `python -m decdec` run from a checkout does.
-    code = "import sys; sys.path.insert(0, '.'); import decdec"
+    # An editable install (`pip install -e .`, the README's way) adds a meta-path finder that maps
+    # `decdec` to the real checkout; drop it so the copy is what gets imported.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            "(getattr(f, '__module__', '') or type(f).__module__).lower()]; "
+            "sys.path.insert(0, '.'); import decdec; print(decdec.__file__)")
     return subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
