@@ -1302,6 +1302,8 @@ class DecLinearTarget(Target):
         if mode < 0.45:
             for _ in range(int(rng.geometric(0.6))):
                 name = _choice(rng, list(arrays))
+                if not isinstance(arrays[name], np.ndarray):
+                    continue
                 arr, kind, vp = self.bad_array(rng, arrays[name])
                 arrays[name] = arr
                 labels.append(f"{name}:{kind}")
@@ -1330,7 +1332,7 @@ class DecLinearTarget(Target):
             def run():
                 self.DL(*args, **kw)
                 raise BadAccept("DecLinear accepted too few positional arguments")
-            return "+".join(labels), run
+            return labels, run
         elif mode < 0.8:
             labels.append("uninitialised")
 
@@ -1364,7 +1366,7 @@ class DecLinearTarget(Target):
                 else:
                     return
                 raise BadAccept(f"{op} on an uninitialised DecLinear did not raise")
-            return "+".join(labels), run
+            return labels, run
 
         def run():
             L = self.build(arrays, kw)
@@ -1381,7 +1383,7 @@ class DecLinearTarget(Target):
                     raise BadAccept("accepted a " + "/".join(labels[1:]) +
                                     " argument but computes a different output")
             self.ops(rng, L, kw.get("in_features", d_in), kw.get("out_features", d_out), labels)
-        return "+".join(labels), run
+        return labels, run
 
 
 # ------------------------------------------------------------------------------- CUDA targets
@@ -1668,6 +1670,11 @@ def case_rng(seed: int, target: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, TARGET_IDS[target], index])
 
 
+def _label(label) -> str:
+    """Cases may return their label list: operations append to it while the case runs."""
+    return "+".join(label) if isinstance(label, list) else str(label)
+
+
 def worker_main(target: str, seed: int, start: int, n: int, work: Path) -> int:
     faulthandler.enable()
     t = TARGET_CLASSES[target]()
@@ -1682,7 +1689,7 @@ def worker_main(target: str, seed: int, start: int, n: int, work: Path) -> int:
             print("R", json.dumps([i, "harness-error", f"{type(e).__name__}: {e}",
                                    traceback.format_exc()[-400:]]), file=out, flush=True)
             continue
-        print("S", json.dumps([i, label]), file=out, flush=True)
+        print("S", json.dumps([i, _label(label)]), file=out, flush=True)
         try:
             fn()
             outcome, detail = "accepted", ""
@@ -1693,7 +1700,7 @@ def worker_main(target: str, seed: int, start: int, n: int, work: Path) -> int:
         except BaseException as e:  # noqa: BLE001
             outcome = t.classify(e)
             detail = f"{type(e).__name__}: {str(e)[:300]}"
-        print("R", json.dumps([i, outcome, detail, label]), file=out, flush=True)
+        print("R", json.dumps([i, outcome, detail, _label(label)]), file=out, flush=True)
         dead = t.after_case()
         if dead:
             print("D", json.dumps([i, dead]), file=out, flush=True)
@@ -1963,13 +1970,13 @@ def main(argv=None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             t.setup(work)
             label, fn = t.case(case_rng(args.seed, target, int(idx)))
-            print(f"case {target}:{idx} seed {args.seed}: {label}")
+            print(f"case {target}:{idx} seed {args.seed}: {_label(label)}", flush=True)
             try:
                 fn()
-                print("accepted")
+                print("accepted:", _label(label))
             except BaseException as e:  # noqa: BLE001
                 traceback.print_exc()
-                print("outcome:", t.classify(e))
+                print("outcome:", t.classify(e), "|", _label(label))
             return 0
         targets = args.target or FUZZ_TARGETS
         n = args.n or (QUICK_N if args.quick else DEFAULT_N)

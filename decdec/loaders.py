@@ -117,10 +117,10 @@ def check_gguf_layout(path: str | Path) -> dict:
         # Smallest encodings: a metadata entry 13 bytes (empty key, type, u8), a tensor 24 bytes.
         if n_kv * 13 > size - 24:
             raise ValueError(f"{name}: the header claims {n_kv} metadata entries, more than a "
-                             f"{size}-byte file can hold (corrupt or lying header)")
+                             f"{size}-byte file can hold (truncated file or lying header)")
         if n_tensors * 24 > size - 24:
             raise ValueError(f"{name}: the header claims {n_tensors} tensors, more than a "
-                             f"{size}-byte file can hold (corrupt or lying header)")
+                             f"{size}-byte file can hold (truncated file or lying header)")
         pos = 24
 
         def need(n, what):
