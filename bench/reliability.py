@@ -1709,6 +1709,14 @@ def worker_main(target: str, seed: int, start: int, n: int, work: Path) -> int:
     return 0
 
 
+def _crash_summary(tail: str) -> str:
+    """The telling lines of a dead worker's stderr: the sanitizer's verdict, the Python frame."""
+    keep = [l.strip() for l in tail.splitlines()
+            if re.search(r"runtime error:|ERROR: AddressSanitizer|SUMMARY:|Fatal Python error|"
+                         r"^\s*#[0-3] .* in dd_|^\s*#[0-3] .*py_|^  File ", l)]
+    return " | ".join(keep[:6]) or (tail.strip().splitlines() or [""])[-1]
+
+
 def run_target(target: str, n: int, seed: int, timeout: float, work: Path,
                python=None, env=None, progress=True, max_restarts=None) -> dict:
     """Run n cases of target in child workers; returns the result record."""
@@ -1752,16 +1760,16 @@ def run_target(target: str, n: int, seed: int, timeout: float, work: Path,
                 if not chunk:          # EOF: the worker exited
                     rc = proc.wait()
                     if current is not None:
-                        tail = stderr_path.read_bytes()[-1500:].decode("utf-8", "replace")
+                        tail = stderr_path.read_bytes()[-8000:].decode("utf-8", "replace")
                         res["crashes"] += 1
                         res["cases"] += 1
                         sig = -rc if rc < 0 else None
                         detail = f"worker died (exit {rc}{', ' + signal.Signals(sig).name if sig else ''})" \
-                                 f": {tail.strip().splitlines()[-1] if tail.strip() else ''}"
+                                 f": {_crash_summary(tail)}"
                         example("crash", current, label, detail + "\n" + tail)
                         i = current + 1
                     elif not finished:
-                        tail = stderr_path.read_bytes()[-1500:].decode("utf-8", "replace")
+                        tail = stderr_path.read_bytes()[-8000:].decode("utf-8", "replace")
                         if i == 0 or res["restarts"] > max_restarts:
                             res["error"] = f"worker failed outside a case (exit {rc}): {tail}"
                             res["seconds"] = round(time.time() - t0, 1)
