@@ -299,12 +299,12 @@ def _check_config(c) -> None:
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
                  "max_seq_len"):
         v = getattr(c, name)
-        if isinstance(v, bool) or v >= 1 << 31:
-            raise ValueError(f"{name} = {v!r} is not a plausible size")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 1 << 31:
+            raise ValueError(f"{name} must be a positive int below 2**31, got {v!r:.40}")
     for name in ("norm_eps", "rope_theta"):
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r:.40}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r:.40}")
     for name in ("tie_embeddings", "attn_bias"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r:.40}")
@@ -346,8 +346,8 @@ def load(directory, *, check: bool = True):
     manifest = verify(directory) if check else read_manifest(directory)
     try:
         config = LlamaConfig(**manifest["config"])
-        config.validate()
         _check_config(config)
+        config.validate()
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{directory / MANIFEST}: bad config ({e})") from None
     listed = set(manifest["files"])
