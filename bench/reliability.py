@@ -377,7 +377,7 @@ class GGUFTarget(Target):
                 a[int(rng.integers(a.size))] = _choice(rng, [np.nan, np.inf, -np.inf])
                 t["data"] = a.tobytes()
             elif kind == "hparams":
-                keys = [x for x in kv if x[1] == GGUF_U32 and x[0].startswith("llama.")]
+                keys = [x for x in kv if x[1] == GGUF_U32 and isinstance(x[0], str) and x[0].startswith("llama.")]
                 if keys:
                     x = _choice(rng, keys)
                     x[2] = int(_choice(rng, [0, 1, 3, 2**20, 2**31 - 1, 2**32 - 1]))
@@ -1061,6 +1061,14 @@ class DecLinearTarget(Target):
                        **kw)
 
     def x_variant(self, rng, d_in, n_tok):
+        """(x, kind, reference x or None if x must be refused); harness slips fall back to ok."""
+        try:
+            return self._x_variant(rng, d_in, n_tok)
+        except Exception:  # noqa: BLE001
+            x = np.zeros((n_tok, d_in), np.float32)
+            return x, "ok(fallback)", x
+
+    def _x_variant(self, rng, d_in, n_tok):
         x = (rng.standard_t(3, (n_tok, d_in)) * 0.5).astype(np.float32)
         if rng.random() < 0.3:
             x = x[0]
@@ -1304,7 +1312,10 @@ class DecLinearTarget(Target):
                 name = _choice(rng, list(arrays))
                 if not isinstance(arrays[name], np.ndarray):
                     continue
-                arr, kind, vp = self.bad_array(rng, arrays[name])
+                try:
+                    arr, kind, vp = self.bad_array(rng, arrays[name])
+                except Exception:  # noqa: BLE001 -- a mutation that cannot apply is skipped
+                    continue
                 arrays[name] = arr
                 labels.append(f"{name}:{kind}")
                 value_preserving &= vp

@@ -9,7 +9,8 @@
 #   DDSAN_FUZZ_N=300 bench/sanitize_cpu.sh
 #
 # Tests run: every CPU test file except the ones that need the SmolLM2 download or torch models
-# (DDSAN_TESTS overrides). CPython leaks by design: detect_leaks=0.
+# (DDSAN_TESTS overrides; measured: ~13 min for the default list on 2 shared cores, see
+# bench/results/reliability.md). CPython leaks by design: detect_leaks=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
@@ -52,16 +53,24 @@ if [ -z "$TESTS" ]; then
   for f in $DEFAULT_TESTS; do [ -f "$f" ] && TESTS="$TESTS $f"; done
 fi
 echo "== pytest under ASan+UBSan:$TESTS"
-"$PY" -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$SAN/pytest.log" | tail -25
+# test_no_leak_over_10000_objects measures RSS: ASan's quarantine keeps freed memory, so it cannot
+# pass here (it runs in the normal suite); the soak in bench/reliability.py covers leaks.
+set +e
+"$PY" -m pytest -q -p no:cacheprovider $TESTS \
+  --deselect tests/test_declinear_errors.py::test_no_leak_over_10000_objects 2>&1 \
+  | tee "$SAN/pytest.log" | tail -25
 rc=${PIPESTATUS[0]}
+set -e
 t2=$(date +%s)
 if grep -q "ERROR: AddressSanitizer\|runtime error:" "$SAN/pytest.log"; then
   echo "sanitizer report in the test run (see $SAN/pytest.log)"; rc=1
 fi
 
 echo "== reliability fuzz (declinear) under ASan+UBSan"
+set +e
 "$PY" bench/reliability.py --quick --target declinear --seed 0 ${DDSAN_FUZZ_N:+--n $DDSAN_FUZZ_N} \
-  --json "$SAN/fuzz.json" 2>&1 | tail -20 || true
+  --json "$SAN/fuzz.json" 2>&1 | tail -20
+set -e
 frc=$(
 "$PY" - "$SAN/fuzz.json" <<'PYEOF'
 import json, sys
