@@ -4,6 +4,10 @@ Environment knobs:
   DECDEC_NO_CUDA=1          build the CPU backend only, even where nvcc exists
   DECDEC_CUDA_ARCHS=90      compute capabilities to compile for (default: 80;86;89;90)
   CUDA_HOME / CUDA_PATH     where the CUDA toolkit lives (default: the one nvcc is in)
+  DECDEC_SANITIZE=1         build the C sources with ASan + UBSan (-O1, frame pointers, UB fatal);
+                            load with LD_PRELOAD=$(gcc -print-file-name=libasan.so), see
+                            bench/sanitize_cpu.sh. Use with DECDEC_NO_CUDA=1 and a separate
+                            --build-lib so the normal in-place build is not replaced.
 The CUDA runtime is linked statically, so a CUDA build imports and runs on the CPU on a machine
 with no GPU or driver.
 """
@@ -81,6 +85,11 @@ def openmp_flag(compiler_cmd):
         return ["-fopenmp"] if r.returncode == 0 else []
 
 
+SANITIZE = os.environ.get("DECDEC_SANITIZE", "") not in ("", "0")
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                  "-fno-sanitize-recover=undefined"]
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         cc = self.compiler.compiler_so[:1] if hasattr(self.compiler, "compiler_so") else ["cc"]
@@ -88,6 +97,10 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             ext.extra_compile_args += omp
             ext.extra_link_args += omp
+            if SANITIZE:
+                # -O1 after the -O3 below: readable reports, still fast enough for the test suite
+                ext.extra_compile_args += SANITIZE_FLAGS + ["-O1", "-g"]
+                ext.extra_link_args += SANITIZE_FLAGS
             if CUDA:
                 ext.extra_objects += self.compile_cuda()
         super().build_extensions()

@@ -143,6 +143,83 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+_MAX_INFLATE = 1024          # a deflated .npz member may expand at most this much
+
+
+def _parse_npy(data: bytes, where: str) -> np.ndarray:
+    """An array from the bytes of one .npy file, its header checked against the bytes present
+    (np.load trusts the header: a lying shape becomes a huge allocation or NumPy's own error)."""
+    import io
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as e:  # noqa: BLE001 -- NumPy raises ValueError, SyntaxError, TypeError...
+        raise ArtifactError(f"{where} is not a valid .npy array ({e})") from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise ArtifactError(f"{where} holds dtype {dtype}, not a plain numeric array")
+    count = 1
+    for d in shape:
+        count *= d
+    offset = fp.tell()
+    if count * dtype.itemsize != len(data) - offset:
+        raise ArtifactError(f"{where}: its header says {dtype}{list(shape)} ({count * dtype.itemsize}"
+                            f" bytes) but {len(data) - offset} bytes follow (truncated or corrupt)")
+    a = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    a = a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+    return np.ascontiguousarray(a.astype(dtype.newbyteorder("="), copy=False))
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({e})") from None
+    return _parse_npy(data, str(path))
+
+
+def _read_npz(path: Path) -> dict:
+    import zipfile
+    import zlib
+    arrays = {}
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                limit = size if info.compress_type == zipfile.ZIP_STORED else size * _MAX_INFLATE
+                if info.file_size > limit:
+                    raise ArtifactError(f"{path}: member {info.filename!r} claims {info.file_size} "
+                                        f"bytes, more than the archive can hold")
+                if not info.filename.endswith(".npy"):
+                    raise ArtifactError(f"{path}: unexpected member {info.filename!r}")
+                key = info.filename[:-4]
+                if key in arrays:
+                    raise ArtifactError(f"{path}: array {key!r} is stored twice")
+                arrays[key] = _parse_npy(zf.read(info), f"{path}[{key}]")
+    except ArtifactError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError,
+            NotImplementedError, RuntimeError) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
+        raise ArtifactError(f"{path} is not a readable .npz archive ({e})") from None
+    return arrays
+
+
+def _check_finite(a: np.ndarray, where: str) -> None:
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ArtifactError(f"{where} holds NaN or Inf values (corrupt artifact)")
+
+
+def _require(ok: bool, path, what: str) -> None:
+    if not ok:
+        raise ArtifactError(f"{path}: manifest {what}; the artifact is corrupt")
+
+
 def read_manifest(directory) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
@@ -152,7 +229,7 @@ def read_manifest(directory) -> dict:
         raise ArtifactError(f"{path} is missing: not a decdec artifact directory")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); the artifact is corrupt") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
@@ -163,6 +240,38 @@ def read_manifest(directory) -> dict:
     for key in ("config", "method", "group_size", "bits_per_layer", "files"):
         if key not in manifest:
             raise ArtifactError(f"{path}: manifest lacks {key!r}; the artifact is corrupt")
+    files = manifest["files"]
+    _require(isinstance(files, dict) and all(
+        isinstance(rel, str) and isinstance(info, dict) and isinstance(info.get("sha256"), str)
+        and isinstance(info.get("bytes"), int) and not isinstance(info.get("bytes"), bool)
+        for rel, info in files.items()), path, "'files' must map paths to {sha256, bytes}")
+    _require(isinstance(manifest["config"], dict), path, "'config' must be an object")
+    _require(manifest["method"] in ("rtn", "awq"), path, "'method' must be 'rtn' or 'awq'")
+    gs = manifest["group_size"]
+    _require(isinstance(gs, int) and not isinstance(gs, bool), path, "'group_size' must be an int")
+    bpl = manifest["bits_per_layer"]
+    _require(isinstance(bpl, list) and all(b in (3, 4) and not isinstance(b, bool) for b in bpl),
+             path, "'bits_per_layer' must be a list of 3s and 4s")
+    _require(isinstance(manifest.get("tied_embeddings", True), bool), path,
+             "'tied_embeddings' must be a bool")
+    alphas = manifest.get("awq_alphas")
+    _require(alphas is None or (isinstance(alphas, list) and all(isinstance(a, dict) for a in alphas)),
+             path, "'awq_alphas' must be a list of objects")
+    _require(manifest.get("calibration") is None or isinstance(manifest["calibration"], dict),
+             path, "'calibration' must be an object")
+    tok = manifest.get("tokenizer")
+    if tok is not None:
+        def id_or_none(v):
+            return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        _require(isinstance(tok, dict), path, "'tokenizer' must be an object or null")
+        _require(id_or_none(tok.get("bos_id")) and id_or_none(tok.get("eos_id")), path,
+                 "tokenizer bos_id/eos_id must be token ids or null")
+        eos_ids = tok.get("eos_ids") or []
+        _require(isinstance(eos_ids, list) and all(id_or_none(i) and i is not None for i in eos_ids),
+                 path, "tokenizer eos_ids must be a list of token ids")
+        _require(isinstance(tok.get("add_bos", False), bool), path, "tokenizer add_bos must be a bool")
+        _require(tok.get("chat_template") is None or isinstance(tok["chat_template"], str), path,
+                 "tokenizer chat_template must be a string or null")
     return manifest
 
 
@@ -172,8 +281,7 @@ def verify(directory) -> dict:
     manifest = read_manifest(directory)
     for rel, info in manifest["files"].items():
         p = directory / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise ArtifactError(f"manifest names a file outside the artifact: {rel!r}")
+        _inside(directory, rel)
         if not p.is_file():
             raise ArtifactError(f"{p} is missing (listed in the manifest)")
         size = p.stat().st_size
@@ -183,6 +291,46 @@ def verify(directory) -> dict:
         if _sha256(p) != info.get("sha256"):
             raise ArtifactError(f"{p} fails its sha256 check: the file is corrupt")
     return manifest
+
+
+def _check_config(c) -> None:
+    """What LlamaConfig.validate leaves open and a hand-edited manifest could still get wrong."""
+    import math
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
+                 "max_seq_len"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 1 << 31:
+            raise ValueError(f"{name} must be a positive int below 2**31, got {v!r:.40}")
+    for name in ("norm_eps", "rope_theta"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r:.40}")
+    for name in ("tie_embeddings", "attn_bias"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r:.40}")
+    for name in ("bos_id", "eos_id"):
+        v = getattr(c, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < c.vocab_size):
+            raise ValueError(f"{name} must be a token id in [0, {c.vocab_size}) or null, got {v!r:.40}")
+    if c.sliding_window is not None and (isinstance(c.sliding_window, bool) or
+                                         not isinstance(c.sliding_window, int) or c.sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or null, got {c.sliding_window!r:.40}")
+    if c.rope_scaling is not None:
+        rs = c.rope_scaling
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if not isinstance(rs, dict) or not all(
+                isinstance(rs.get(k), (int, float)) and not isinstance(rs.get(k), bool)
+                and math.isfinite(rs[k]) and rs[k] > 0 for k in keys):
+            raise ValueError(f"rope_scaling must be null or an object with positive {', '.join(keys)}")
+
+
+def _inside(directory: Path, rel: str) -> Path:
+    """directory / rel, refusing names that leave the artifact (.., absolute, symlinks out)."""
+    p = directory / rel
+    if not rel or "\0" in rel or ".." in Path(rel).parts or Path(rel).is_absolute() or \
+            directory.resolve() not in p.resolve().parents:
+        raise ArtifactError(f"manifest names a file outside the artifact: {rel!r:.100}")
+    return p
 
 
 def load(directory, *, check: bool = True):
@@ -198,6 +346,7 @@ def load(directory, *, check: bool = True):
     manifest = verify(directory) if check else read_manifest(directory)
     try:
         config = LlamaConfig(**manifest["config"])
+        _check_config(config)
         config.validate()
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{directory / MANIFEST}: bad config ({e})") from None
@@ -206,16 +355,17 @@ def load(directory, *, check: bool = True):
     def need(rel):
         if rel not in listed:
             raise ArtifactError(f"the manifest does not list {rel}; the artifact is incomplete")
-        return directory / rel
+        p = _inside(directory, rel)
+        if not p.is_file():
+            raise ArtifactError(f"{p} is missing (listed in the manifest)")
+        return p
 
     def load_npy(rel, shape, dtype):
-        try:
-            a = np.load(need(rel), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ArtifactError(f"{directory / rel} cannot be read ({e})") from None
+        a = _read_npy(need(rel))
         if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
             raise ArtifactError(f"{directory / rel} is {a.dtype}{list(a.shape)}, expected "
                                 f"{np.dtype(dtype)}{list(shape)}")
+        _check_finite(a, str(directory / rel))
         return a
 
     V, D = config.vocab_size, config.dim
@@ -225,7 +375,9 @@ def load(directory, *, check: bool = True):
     bits_per_layer = manifest["bits_per_layer"]
     if len(bits_per_layer) != config.n_layers or any(b not in (3, 4) for b in bits_per_layer):
         raise ArtifactError(f"bits_per_layer must be {config.n_layers} values in (3, 4)")
-    group_size = int(manifest["group_size"])
+    group_size = manifest["group_size"]
+    if len(alphas_or_none := (manifest.get("awq_alphas") or [])) not in (0, config.n_layers):
+        raise ArtifactError(f"awq_alphas has {len(alphas_or_none)} entries for {config.n_layers} blocks")
     q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     shapes = {"wq": (q, D), "wk": (kv, D), "wv": (kv, D), "wo": (D, q), "w_gate": (config.ffn_dim, D),
               "w_up": (config.ffn_dim, D), "w_down": (D, config.ffn_dim)}
@@ -234,11 +386,7 @@ def load(directory, *, check: bool = True):
     blocks = []
     for l, bits in enumerate(bits_per_layer):
         rel = f"blocks/block_{l:03d}.npz"
-        try:
-            with np.load(need(rel), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError, KeyError) as e:
-            raise ArtifactError(f"{directory / rel} cannot be read ({e})") from None
+        arrays = _read_npz(need(rel))
 
         def get(key, shape, dtype):
             if key not in arrays:
@@ -247,10 +395,19 @@ def load(directory, *, check: bool = True):
             if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
                 raise ArtifactError(f"{directory / rel}: {key} is {a.dtype}{list(a.shape)}, expected "
                                     f"{np.dtype(dtype)}{list(shape)}")
+            _check_finite(a, f"{directory / rel}: {key}")
             return a
 
-        scales = LayerScales(*(get(f"scale.{k}", (scale_len[k],), np.float32) for k in INPUT_KINDS),
-                             alphas[l] if l < len(alphas) else {})
+        def thresholds(key, d_in):
+            t = get(key, (d_in,), np.float32)
+            if (t < 0).any() or (np.diff(t) > 0).any():
+                raise ArtifactError(f"{directory / rel}: {key} must be >= 0 and non-increasing")
+            return t
+
+        scale_arrays = [get(f"scale.{k}", (scale_len[k],), np.float32) for k in INPUT_KINDS]
+        if any((s <= 0).any() for s in scale_arrays):
+            raise ArtifactError(f"{directory / rel}: AWQ scales must be positive")
+        scales = LayerScales(*scale_arrays, alphas[l] if l < len(alphas) else {})
         linears = {}
         for name in LINEAR_NAMES:
             d_out, d_in = shapes[name]
@@ -265,9 +422,15 @@ def load(directory, *, check: bool = True):
                 get(f"{name}.zeros", (d_out, n_groups), np.float16), bits, group_size, d_in, d_out)
             cs = Cheatsheet(get(f"{name}.rcodes", (d_in, d_out // 2), np.uint8),
                             get(f"{name}.rscales", (d_out,), np.float16))
-            th = get(f"{name}.thresholds", (d_in,), np.float32)
+            th = thresholds(f"{name}.thresholds", d_in)
             linears[name] = QuantizedLinear(qw, cs, th)
-        biases = {k[5:]: v for k, v in arrays.items() if k.startswith("bias.")}
+        from .model import BIAS_NAMES
+        bias_shapes = {BIAS_NAMES[n]: (shapes[n][0],) for n in BIAS_NAMES} if config.attn_bias else {}
+        extra = sorted(k for k in arrays if k.startswith("bias.") and k[5:] not in bias_shapes)
+        if extra:
+            raise ArtifactError(f"{directory / rel}: unexpected arrays {extra} (config.attn_bias is "
+                                f"{config.attn_bias})")
+        biases = {b: get(f"bias.{b}", shape, np.float32) for b, shape in bias_shapes.items()}
         blocks.append(QuantizedBlock(bits, get("attn_norm", (D,), np.float32),
                                      get("ffn_norm", (D,), np.float32), scales, linears, biases))
     tokenizer = None
@@ -277,8 +440,15 @@ def load(directory, *, check: bool = True):
         from .tokenizer import Tokenizer
         try:
             backend = _HFTokenizer.from_file(str(need("tokenizer.json")))
+        except ArtifactError:
+            raise
         except Exception as e:  # tokenizers raises its own Exception type
             raise ArtifactError(f"{directory / 'tokenizer.json'} cannot be read ({e})") from None
+        n_tok = backend.get_vocab_size(with_added_tokens=True)
+        ids = [tmeta.get("bos_id"), tmeta.get("eos_id"), *(tmeta.get("eos_ids") or [])]
+        if n_tok > V or any(i is not None and i >= n_tok for i in ids):
+            raise ArtifactError(f"{directory / 'tokenizer.json'}: {n_tok} tokens do not fit the "
+                                f"model's vocab_size {V} or its bos/eos ids {ids}")
         tokenizer = Tokenizer(backend, bos_id=tmeta.get("bos_id"), eos_id=tmeta.get("eos_id"),
                               add_bos=bool(tmeta.get("add_bos")), chat_template=tmeta.get("chat_template"),
                               eos_ids=tmeta.get("eos_ids") or ())

@@ -125,9 +125,25 @@ class Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: decdec needs a (fast) tokenizer.json")
-        backend = _HFTokenizer.from_file(str(path))
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 -- `tokenizers` raises plain Exception
+            raise ValueError(f"{path} cannot be read as a tokenizers tokenizer.json: {e}") from e
         cfg_path = directory / "tokenizer_config.json"
-        tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        tcfg = {}
+        if cfg_path.is_file():
+            try:
+                tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+            if not isinstance(tcfg, dict):
+                raise ValueError(f"{cfg_path} must hold a JSON object")
+        vocab_n = backend.get_vocab_size(with_added_tokens=True)
+        for value in ([bos_id] + (list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id])):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < vocab_n):
+                raise ValueError(f"{path}: bos/eos token id {value!r:.40} is not a token id in "
+                                 f"[0, {vocab_n})")
 
         def token_id(entry):
             if isinstance(entry, dict):

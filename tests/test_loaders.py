@@ -174,3 +174,265 @@ def test_load_model_dispatch(tmp_path, monkeypatch):
     (tmp_path / "hf").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         loaders.load_model(tmp_path / "hf")
+
+
+# ---------------------------------------------------------------- corrupt and lying files
+# Each test below failed before the layout check (a NumPy message, a KeyError/ZeroDivisionError or
+# silent acceptance); bench/reliability.py --target gguf / safetensors fuzzes the same classes.
+
+def _tensor_info_offsets(path, name):
+    """Byte offsets of (n_dims, dims[0], type, data offset) of one tensor's info in a GGUF file."""
+    reader = gguf.GGUFReader(str(path))
+    t = next(t for t in reader.tensors if t.name == name)
+    pos = t.field.offset + 8 + len(name.encode())
+    n_dims = len(t.shape)
+    return pos, pos + 4, pos + 4 + 8 * n_dims, pos + 8 + 8 * n_dims
+
+
+def _patch(path, offset, fmt, value):
+    import struct
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<" + fmt, data, offset, value)
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_gguf_is_refused_with_a_word_about_truncation(tmp_path):
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good, tied=False)
+    data = good.read_bytes()
+    for cut in (0, 3, 20, 100, 700, len(data) // 2, len(data) - 1):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(data[:cut])
+        with pytest.raises(ValueError) as e:
+            load_gguf(p)
+        msg = str(e.value)
+        assert p.name in msg and ("truncated" in msg or "empty" in msg), (cut, msg)
+        assert "larger dtype" not in msg and "reshape" not in msg and "mmap" not in msg, msg
+
+
+def test_lying_tensor_offset_size_and_dims_are_refused(tmp_path):
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good)
+    size = good.stat().st_size
+    cases = [("offset", 3, "Q", 1 << 40, "needs bytes"),
+             ("offset", 3, "Q", 64 * 1024, "needs bytes"),
+             ("dims", 1, "Q", 1 << 62, "impossible dimensions|needs bytes"),
+             ("dims", 1, "Q", 4096, "needs bytes"),
+             ("type", 2, "I", 99, "unknown ggml type 99"),
+             ("ndims", 0, "I", 7, "7 dimensions")]
+    for what, field, fmt, value, match in cases:
+        p = tmp_path / f"lie_{what}_{value}.gguf"
+        p.write_bytes(good.read_bytes())
+        offsets = _tensor_info_offsets(p, "blk.1.ffn_down.weight")
+        _patch(p, offsets[field], fmt, value)
+        with pytest.raises(ValueError, match=match) as e:
+            load_gguf(p)
+        assert p.name in str(e.value) and p.stat().st_size == size
+
+
+def test_lying_counts_are_refused(tmp_path):
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good)
+    for off, value in ((8, 1 << 40), (16, 1 << 40), (8, 10_000), (16, 5_000)):
+        p = tmp_path / f"count_{off}_{value}.gguf"
+        p.write_bytes(good.read_bytes())
+        _patch(p, off, "Q", value)
+        with pytest.raises(ValueError, match=r"claims|truncated or corrupt") as e:
+            load_gguf(p)
+        assert p.name in str(e.value)
+        assert "out of bounds" not in str(e.value) and "larger dtype" not in str(e.value)
+
+
+def test_bad_metadata_types_and_values_name_the_key(tmp_path):
+    def variant(name, **edits):
+        p = tmp_path / name
+        write_tiny_gguf(p)
+        data = bytearray(p.read_bytes())
+        reader = gguf.GGUFReader(str(p))
+        for key, (fmt, value) in edits.items():
+            f = reader.fields[key]
+            import struct
+            struct.pack_into("<" + fmt, data, f.offset + 8 + len(key) + 4, value)
+        p.write_bytes(bytes(data))
+        return p
+
+    with pytest.raises(ValueError, match=r"head_count = 0 is out of range") as e:
+        load_gguf(variant("heads0.gguf", **{"llama.attention.head_count": ("I", 0)}))
+    assert "heads0.gguf" in str(e.value)          # was: ZeroDivisionError
+    with pytest.raises(ValueError, match=r"layer_norm_rms_epsilon = nan must be finite"):
+        load_gguf(variant("eps.gguf", **{"llama.attention.layer_norm_rms_epsilon":
+                                         ("f", float("nan"))}))
+    with pytest.raises(ValueError, match=r"bos_token_id = 4294967295 is out of range"):
+        load_gguf(variant("bos.gguf", **{"tokenizer.ggml.bos_token_id": ("I", 2**32 - 1)}))
+    # a string where an integer belongs (was: "invalid literal for int()" without the file)
+    p = tmp_path / "strdim.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_string("llama.embedding_length", "thirty-two")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((VOCAB, DIM), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"strdim.gguf: GGUF metadata llama.embedding_length "
+                                         r"must be an integer"):
+        load_gguf(p)
+
+
+def test_broken_tokenizer_metadata_names_the_file(tmp_path):
+    p = tmp_path / "tok.gguf"
+    write_tiny_gguf(p, extra_kv={"tokenizer.ggml.pre": "no-such-pre"})
+    with pytest.raises(ValueError, match=r"tok.gguf: .*pre-tokenizer 'no-such-pre'"):
+        load_gguf(p)
+
+
+def test_nan_and_inf_weights_are_refused(tmp_path):
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good)
+    reader = gguf.GGUFReader(str(good))
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_norm.weight")
+    for bad in (np.nan, np.inf):
+        p = tmp_path / f"bad_{bad}.gguf"
+        data = bytearray(good.read_bytes())
+        import struct
+        struct.pack_into("<f", data, reader.data_offset + t.data_offset - reader.data_offset
+                         if t.data_offset >= reader.data_offset else reader.data_offset
+                         + t.data_offset, bad)
+        p.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=r"blk.0.ffn_norm.weight holds NaN or Inf"):
+            load_gguf(p)
+
+
+def test_real_gguf_truncated_to_1mb(smollm2_path, tmp_path):
+    """The issue's reproducer: SmolLM2 cut to 1 MB (inside its tokenizer metadata)."""
+    p = tmp_path / "smol_1mb.gguf"
+    with open(smollm2_path, "rb") as f:
+        p.write_bytes(f.read(1 << 20))
+    with pytest.raises(ValueError, match=r"smol_1mb.gguf: .*truncated") as e:
+        load_gguf(p)
+    assert "larger dtype" not in str(e.value)
+    q = tmp_path / "smol_90mb.gguf"
+    with open(smollm2_path, "rb") as f:
+        q.write_bytes(f.read(90 << 20))
+    with pytest.raises(ValueError, match=r"smol_90mb.gguf: truncated or corrupt: tensor .* needs "
+                                         r"bytes .* but the file has only 94371840 bytes"):
+        load_gguf(q)
+
+
+# ---------------------------------------------------------------- Hugging Face directories
+def _write_hf(d, *, dtype=np.float32, cfg_edit=None, tensors_edit=None, tokenizer=True):
+    from safetensors.numpy import save_file
+    from decdec.tokenizer import Tokenizer
+    d.mkdir(exist_ok=True)
+    hd = DIM // HEADS
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": DIM, "num_attention_heads": HEADS,
+           "num_key_value_heads": KV, "intermediate_size": FFN, "num_hidden_layers": 1,
+           "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+           "bos_token_id": 1, "eos_token_id": 2}
+    cfg.update(cfg_edit or {})
+    (d / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (VOCAB, DIM), "model.norm.weight": (DIM,),
+              "model.layers.0.input_layernorm.weight": (DIM,),
+              "model.layers.0.post_attention_layernorm.weight": (DIM,),
+              "model.layers.0.self_attn.q_proj.weight": (HEADS * hd, DIM),
+              "model.layers.0.self_attn.k_proj.weight": (KV * hd, DIM),
+              "model.layers.0.self_attn.v_proj.weight": (KV * hd, DIM),
+              "model.layers.0.self_attn.o_proj.weight": (DIM, HEADS * hd),
+              "model.layers.0.mlp.gate_proj.weight": (FFN, DIM),
+              "model.layers.0.mlp.up_proj.weight": (FFN, DIM),
+              "model.layers.0.mlp.down_proj.weight": (DIM, FFN)}
+    tensors = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    if tensors_edit:
+        tensors_edit(tensors)
+    save_file(tensors, str(d / "model.safetensors"))
+    if tokenizer:
+        fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TOKENS,
+                  "tokenizer.ggml.token_type": [3, 3, 3, 1, 1, 1], "tokenizer.ggml.merges": ["a b"]}
+        (d / "tokenizer.json").write_text(Tokenizer.from_gguf_fields(fields).backend.to_str())
+    return d
+
+
+import json  # noqa: E402
+
+
+def test_tiny_hf_directory_loads(tmp_path):
+    w, tok = loaders.load_hf(_write_hf(tmp_path / "hf"))
+    assert w.config.dim == DIM and tok.vocab_size == VOCAB
+
+
+def test_hf_bad_config_json_names_the_file(tmp_path):
+    d = _write_hf(tmp_path / "hf")
+    for text, match in (("{", "config.json is not valid JSON"), ("[1]", "must hold a JSON object"),
+                        ("[" * 100000 + "]" * 100000, "nested too deeply|must hold a JSON object"),
+                        (b"\xff\xfe", "not UTF-8")):
+        (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=match) as e:
+            loaders.load_hf(d)
+        assert "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"hidden_size": "32"}, "hidden_size must be an integer"),
+    ({"num_attention_heads": 0}, r"num_attention_heads = 0 is out of range"),
+    ({"hidden_size": None, "num_attention_heads": 4}, "lacks 'hidden_size'"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps = nan must be finite"),
+    ({"rope_scaling": "llama3"}, "rope_scaling must be an object"),
+    ({"eos_token_id": 99}, "token id 99 is not a token id"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+])
+def test_hf_bad_config_values_are_named(tmp_path, edit, match):
+    d = _write_hf(tmp_path / "hf", cfg_edit=edit)
+    with pytest.raises(ValueError, match=match):
+        loaders.load_hf(d)
+
+
+def test_hf_lying_or_truncated_safetensors_is_a_value_error(tmp_path):
+    import struct
+    d = _write_hf(tmp_path / "hf")
+    p = d / "model.safetensors"
+    data = p.read_bytes()
+    for bad in (data[: len(data) // 2], struct.pack("<Q", 1 << 40) + data[8:],
+                struct.pack("<Q", 3) + data[8:], data[:5]):
+        p.write_bytes(bad)
+        with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
+            loaders.load_hf(d)
+
+
+def test_hf_index_must_name_files_of_the_directory(tmp_path):
+    d = _write_hf(tmp_path / "hf")
+    idx = d / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"weight_map": {"model.norm.weight": "../outside.safetensors"}}))
+    with pytest.raises(ValueError, match="not a file of this directory"):
+        loaders.load_hf(d)
+    idx.write_text(json.dumps({"weight_map": [1, 2]}))
+    with pytest.raises(ValueError, match="weight_map must map tensor names to file names"):
+        loaders.load_hf(d)
+    idx.write_text("{")
+    with pytest.raises(ValueError, match="index.json: safetensors index is not valid JSON"):
+        loaders.load_hf(d)
+
+
+def test_hf_non_float_or_non_finite_weights_are_refused(tmp_path):
+    def to_int(t):
+        t["model.norm.weight"] = np.ones(DIM, np.int32)
+
+    with pytest.raises(ValueError, match=r"model.norm.weight has dtype int32, expected a float"):
+        loaders.load_hf(_write_hf(tmp_path / "a", tensors_edit=to_int))
+
+    def nan(t):
+        t["model.layers.0.mlp.up_proj.weight"][3, 4] = np.inf
+
+    with pytest.raises(ValueError, match=r"up_proj.weight holds NaN or Inf"):
+        loaders.load_hf(_write_hf(tmp_path / "b", tensors_edit=nan))
+
+
+def test_hf_broken_tokenizer_files_name_the_file(tmp_path):
+    d = _write_hf(tmp_path / "hf")
+    (d / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match="tokenizer.json cannot be read"):
+        loaders.load_hf(d)
+    d = _write_hf(tmp_path / "hf2")
+    (d / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        loaders.load_hf(d)
