@@ -13,6 +13,22 @@
 
 /* ---- argument validation: every message names the argument and what was expected ------- */
 
+/* The C core reads arrays as native, aligned C types: a byte-swapped or misaligned array would be
+ * read as garbage (or trap), so it is refused with the fix named. */
+static int check_native(PyArrayObject *a, const char *name) {
+    if (!PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be in native byte order, got dtype %S "
+                     "(use a.astype(a.dtype.newbyteorder('=')))", name, (PyObject *)PyArray_DESCR(a));
+        return -1;
+    }
+    if (!PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be aligned to its dtype (use numpy.ascontiguousarray "
+                     "or a.copy())", name);
+        return -1;
+    }
+    return 0;
+}
+
 static int check_array(PyObject *obj, const char *name, int typenum, int ndim,
                        const npy_intp *dims) {
     if (!PyArray_Check(obj)) {
@@ -50,7 +66,7 @@ static int check_array(PyObject *obj, const char *name, int typenum, int ndim,
                      name);
         return -1;
     }
-    return 0;
+    return check_native(a, name);
 }
 
 static void *copy_out(PyObject *obj) {
@@ -262,7 +278,7 @@ static int declinear_init(DecLinearObject *self, PyObject *args, PyObject *kwds)
                              "thresholds", "in_features", "out_features", "bits", "group_size",
                              "k_chunk", "selection", "device", "n_tb", NULL};
     PyObject *qweight, *scales, *zeros, *rcodes, *rscales, *thresholds;
-    int d_in = 0, d_out = 0, bits = 0, group_size = 0;
+    PyObject *d_in_obj = NULL, *d_out_obj = NULL, *bits_obj = NULL, *group_obj = NULL;
     PyObject *k_obj = NULL, *sel_obj = NULL, *n_tb_obj = Py_None;
     const char *device = "cpu";
     if (self->state != DD_PY_UNINIT) {
@@ -273,16 +289,24 @@ static int declinear_init(DecLinearObject *self, PyObject *args, PyObject *kwds)
                             : "DecLinear is immutable: another thread is initialising this object");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|$iiiiOOsO:DecLinear", kwlist, &qweight,
-                                     &scales, &zeros, &rcodes, &rscales, &thresholds, &d_in,
-                                     &d_out, &bits, &group_size, &k_obj, &sel_obj, &device,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|$OOOOOOsO:DecLinear", kwlist, &qweight,
+                                     &scales, &zeros, &rcodes, &rscales, &thresholds, &d_in_obj,
+                                     &d_out_obj, &bits_obj, &group_obj, &k_obj, &sel_obj, &device,
                                      &n_tb_obj))
         return -1;
-    if (d_in == 0 && d_out == 0 && bits == 0 && group_size == 0) {
+    if (!d_in_obj || !d_out_obj || !bits_obj || !group_obj) {
         PyErr_SetString(PyExc_TypeError, "DecLinear() requires keyword arguments in_features, "
                         "out_features, bits and group_size");
         return -1;
     }
+    /* each int keyword by name (a bare "cannot be interpreted as an integer" names nothing);
+     * the shape rules themselves are dd_py_check_shape's */
+    int32_t d_in = 0, d_out = 0, bits = 0, group_size = 0;
+    if (dd_py_parse_int_in(d_in_obj, "in_features", INT32_MIN, INT32_MAX, &d_in) < 0 ||
+        dd_py_parse_int_in(d_out_obj, "out_features", INT32_MIN, INT32_MAX, &d_out) < 0 ||
+        dd_py_parse_int_in(bits_obj, "bits", INT32_MIN, INT32_MAX, &bits) < 0 ||
+        dd_py_parse_int_in(group_obj, "group_size", INT32_MIN, INT32_MAX, &group_size) < 0)
+        return -1;
     /* 1. validate everything; nothing is allocated before the last check */
     dd_shape s;
     if (dd_py_check_shape(d_in, d_out, bits, group_size, &s) < 0) return -1;
@@ -486,7 +510,12 @@ static PyObject *declinear_forward(DecLinearObject *self, PyObject *args, PyObje
             PyErr_SetString(PyExc_ValueError, "out must be C-contiguous and writeable");
             goto fail;
         }
-        if (ot == NPY_FLOAT32 && !accumulate) {
+        if (check_native(out, "out") < 0) goto fail;
+        /* out overlapping x (both contiguous: byte ranges are exact): the kernel would read
+         * outputs as inputs, so compute into a temporary and copy, as NumPy's ufuncs do */
+        const char *xb = (const char *)PyArray_DATA(x32), *ob = (const char *)PyArray_DATA(out);
+        const int overlaps = xb < ob + PyArray_NBYTES(out) && ob < xb + PyArray_NBYTES(x32);
+        if (ot == NPY_FLOAT32 && !accumulate && !overlaps) {
             y32 = out;
             Py_INCREF(y32);
         }
