@@ -242,3 +242,61 @@ def test_too_many_tokens_is_a_value_error(parts):
     x = np.lib.stride_tricks.as_strided(np.zeros(D_IN, np.float32), (n, D_IN), (0, 4))
     with pytest.raises(ValueError, match="tokens"):
         layer.forward(x)
+
+
+# ---- found by bench/reliability.py (declinear target) on the first v2 binding ----------------
+
+@pytest.mark.parametrize("key", ["in_features", "out_features", "bits", "group_size"])
+@pytest.mark.parametrize("value", ["128", 3.0, None, b"cpu", 2**32, -2**40])
+def test_int_keywords_are_named_in_the_error(parts, key, value):
+    # was "'str' object cannot be interpreted as an integer" / "Python int too large to convert"
+    with pytest.raises((TypeError, ValueError), match=key):
+        build(parts, **{key: value})
+
+
+def _swapped(a):
+    return a.astype(a.dtype.newbyteorder("S"))
+
+
+def _misaligned(a):
+    raw = np.zeros(a.nbytes + a.itemsize, np.uint8)
+    view = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    assert not view.flags.aligned
+    return view
+
+
+@pytest.mark.parametrize("key", ["scales", "zeros", "residual_scales", "thresholds"])
+def test_byte_swapped_weights_are_refused(parts, key):
+    # was accepted and read as native: a silently different layer
+    with pytest.raises(ValueError, match=f"{key} must be in native byte order"):
+        build(parts, **{key: _swapped(parts[key])})
+
+
+@pytest.mark.parametrize("key", ["scales", "zeros", "residual_scales", "thresholds"])
+def test_misaligned_weights_are_refused(parts, key):
+    # UBSan: misaligned loads at py_declinear.c (thresholds as float, scales as uint16)
+    with pytest.raises(ValueError, match=f"{key} must be aligned"):
+        build(parts, **{key: _misaligned(parts[key])})
+
+
+def test_byte_swapped_out_is_refused(parts):
+    L = build(parts, k_chunk=8)
+    x = np.random.default_rng(1).standard_normal(D_IN).astype(np.float32)
+    out = _swapped(np.zeros(D_OUT, np.float32))
+    with pytest.raises(ValueError, match="out must be in native byte order"):
+        L.forward(x, out=out)
+
+
+def test_out_overlapping_x_gives_the_right_answer(parts):
+    # out sharing x's memory used to read outputs as inputs
+    L = build(parts, k_chunk=8)
+    rng = np.random.default_rng(2)
+    n = max(D_IN, D_OUT)
+    buf = rng.standard_normal(n).astype(np.float32)
+    x = buf[:D_IN]
+    want = L.forward(x.copy())
+    out = buf[:D_OUT]  # aliases the head of x
+    got = L.forward(x, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, want)
