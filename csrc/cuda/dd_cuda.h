@@ -53,6 +53,9 @@ dd_status dd_cuda_host_device_pointer(const void *host_ptr, void **device_ptr);
 /* What a pointer is: DD_PTR_* below, and the device it lives on (-1 for plain host memory). */
 enum { DD_PTR_HOST = 0, DD_PTR_PINNED_HOST = 1, DD_PTR_DEVICE = 2, DD_PTR_MANAGED = 3 };
 dd_status dd_cuda_pointer_kind(const void *ptr, int *kind, int *device);
+/* The device allocation holding ptr: [*base, *base + *size).  *known = 0 (and DD_OK) when the driver
+ * cannot say (no driver entry point, or memory it does not track): callers then skip the check. */
+dd_status dd_cuda_pointer_range(const void *ptr, uintptr_t *base, size_t *size, int *known);
 
 /* ---- kernels (one token, batch 1) ------------------------------------------------------ */
 /* y[o] (=|+=) sum_j W_hat[o, j] x[j]; fp16 x, y.  accumulate: 0 stores, 1 atomically adds

@@ -174,6 +174,46 @@ extern "C" dd_status dd_cuda_host_device_pointer(const void *host_ptr, void **de
     return DD_OK;
 }
 
+/* cuMemGetAddressRange through the runtime's driver entry point: no link against libcuda (the
+ * extension must import on machines without a driver), resolved once. */
+typedef int (*dd_mem_range_fn)(unsigned long long *base, size_t *size, unsigned long long ptr);
+
+static dd_mem_range_fn mem_range_fn(void) {
+    static std::atomic<int> state{0}; /* 0 unresolved, 1 resolved, 2 unavailable */
+    static dd_mem_range_fn fn = nullptr;
+    int s = state.load(std::memory_order_acquire);
+    if (s == 0) {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+        cudaError_t e = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &p, 12000,
+                                                         cudaEnableDefault, &q);
+        if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !p) {
+            (void)cudaGetLastError();
+            p = nullptr;
+        }
+        fn = (dd_mem_range_fn)p;
+        state.store(p ? 1 : 2, std::memory_order_release);
+        s = p ? 1 : 2;
+    }
+    return s == 1 ? fn : nullptr;
+}
+
+extern "C" dd_status dd_cuda_pointer_range(const void *ptr, uintptr_t *base, size_t *size, int *known) {
+    if (!base || !size || !known) return DD_ERR_INVALID_ARGUMENT;
+    *base = 0;
+    *size = 0;
+    *known = 0;
+    dd_mem_range_fn fn = mem_range_fn();
+    if (!fn || !ptr) return DD_OK;
+    unsigned long long b = 0;
+    size_t n = 0;
+    if (fn(&b, &n, (unsigned long long)(uintptr_t)ptr) != 0) return DD_OK; /* not a tracked allocation */
+    *base = (uintptr_t)b;
+    *size = n;
+    *known = 1;
+    return DD_OK;
+}
+
 extern "C" dd_status dd_cuda_pointer_kind(const void *ptr, int *kind, int *device) {
     if (!kind || !device) return DD_ERR_INVALID_ARGUMENT;
     cudaPointerAttributes attr;

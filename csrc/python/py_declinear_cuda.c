@@ -267,6 +267,7 @@ PyObject *dd_py_declinear_cuda_forward(DecLinearObject *self, PyObject *args, Py
                      "(INT32_MAX / max(in_features, out_features))", n_tok, max_tok);
         goto fail;
     }
+    if (dd_py_device_view_check_extent(&xv, "x", (size_t)n_tok * (size_t)w->shape.d_in * 2, 2) < 0) goto fail;
     stream_key key;
     if (parse_stream(stream_obj, xv.stream, &key) < 0) goto fail;
 
@@ -302,6 +303,7 @@ PyObject *dd_py_declinear_cuda_forward(DecLinearObject *self, PyObject *args, Py
             goto fail;
         }
         if (check_device(&ov, w, "out") < 0) goto fail;
+        if (dd_py_device_view_check_extent(&ov, "out", (size_t)n_tok * (size_t)d_out * 2, 2) < 0) goto fail;
         result = out_obj;
         Py_INCREF(result);
     }
@@ -352,6 +354,7 @@ PyObject *dd_py_declinear_cuda_select(DecLinearObject *self, PyObject *args, PyO
         PyErr_SetString(PyExc_ValueError, "select takes one token: x must be 1-D");
         goto done;
     }
+    if (dd_py_device_view_check_extent(&xv, "x", (size_t)w->shape.d_in * 2, 2) < 0) goto done;
     stream_key key;
     if (parse_stream(stream_obj, xv.stream, &key) < 0) goto done;
     const dd_cuda_run run = self->settings.run;

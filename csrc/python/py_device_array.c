@@ -364,9 +364,31 @@ static void dl_import_destructor(PyObject *cap) {
  * the tensor; the view keeps the managed tensor alive (v->keep) until dd_py_device_view_release,
  * which runs its deleter.  The capsule is asked for on the legacy default stream (1), where
  * decdec launches unless stream= says otherwise. */
+/* A producer's own hook (__cuda_array_interface__, __dlpack__, __dlpack_device__) raised: report it
+ * as a TypeError naming the argument and the hook, the producer's exception chained as the cause.
+ * BaseExceptions that are not Exceptions (KeyboardInterrupt, SystemExit) pass through. */
+static int producer_failed(const char *name, const char *hook) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb && v) PyException_SetTraceback(v, tb);
+    PyErr_Format(PyExc_TypeError, "%s: its %s raised %s", name, hook,
+                 t ? ((PyTypeObject *)t)->tp_name : "an exception");
+    PyObject *t2, *v2, *tb2;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    if (v2 && v) PyException_SetCause(v2, v); /* steals v */
+    else Py_XDECREF(v);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    PyErr_Restore(t2, v2, tb2);
+    return -1;
+}
+
 static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
     PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (!dev) return -1;
+    if (!dev) return producer_failed(name, "__dlpack_device__");
     int dev_type = -1, dev_id = -1;
     if (!PyTuple_Check(dev) || !PyArg_ParseTuple(dev, "ii", &dev_type, &dev_id)) {
         Py_DECREF(dev);
@@ -380,6 +402,7 @@ static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
                      "DecLinear needs device memory", name, dev_type);
         return -1;
     }
+    v->device = dev_id; /* what the producer claims; dd_py_device_view checks it against the memory */
     PyObject *kw = Py_BuildValue("{s:i}", "stream", 1);
     PyObject *meth = kw ? PyObject_GetAttrString(obj, "__dlpack__") : NULL;
     PyObject *empty = meth ? PyTuple_New(0) : NULL;
@@ -387,7 +410,7 @@ static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
     Py_XDECREF(empty);
     Py_XDECREF(meth);
     Py_XDECREF(kw);
-    if (!cap) return -1;
+    if (!cap) return producer_failed(name, "__dlpack__");
     if (!PyCapsule_CheckExact(cap) || !PyCapsule_IsValid(cap, "dltensor")) {
         Py_DECREF(cap);
         PyErr_Format(PyExc_TypeError, "%s: __dlpack__ did not return an unconsumed 'dltensor' capsule", name);
@@ -497,6 +520,13 @@ static int cai_view(PyObject *obj, PyObject *cai, const char *name, dd_device_vi
     PyObject *strides = PyDict_GetItemString(cai, "strides");
     PyObject *stream = PyDict_GetItemString(cai, "stream");
     PyObject *mask = PyDict_GetItemString(cai, "mask");
+    PyObject *version = PyDict_GetItemString(cai, "version");
+    /* the protocol requires 'version'; any int >= 0 is taken (v3 keys are read, others ignored) */
+    if (!version || !PyLong_Check(version) || PyBool_Check(version) || int_is_negative(version)) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'version' must be an int "
+                     ">= 0 (the protocol requires it)", name);
+        return -1;
+    }
     if (!shape || !PyTuple_Check(shape)) {
         PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'shape' must be a tuple", name);
         return -1;
@@ -598,6 +628,7 @@ void dd_py_device_view_release(dd_device_view *v) {
 }
 
 int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
+    int claimed = -1; /* the device a DLPack producer names (checked against the memory's own) */
     memset(v, 0, sizeof *v);
     v->stream = -1; /* none given */
     if (PyLong_Check(obj) && !PyBool_Check(obj)) { /* a raw pointer: the caller vouches for dtype and shape */
@@ -626,10 +657,12 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
     } else if (!PyObject_HasAttrString(obj, "__cuda_array_interface__") &&
                PyObject_HasAttrString(obj, "__dlpack__") && !PyArray_Check(obj)) {
         if (dlpack_view(obj, name, v) < 0) goto fail;
+        claimed = v->device;
     } else {
         PyObject *cai = PyObject_GetAttrString(obj, "__cuda_array_interface__");
         if (!cai) {
-            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1; /* a property that raised */
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) /* a property that raised */
+                return producer_failed(name, "__cuda_array_interface__");
             PyErr_Clear();
             if (PyArray_Check(obj)) {
                 PyErr_Format(PyExc_TypeError, "%s is a NumPy (host) array; the CUDA DecLinear needs device "
@@ -661,11 +694,38 @@ int dd_py_device_view(PyObject *obj, const char *name, dd_device_view *v) {
         PyErr_Format(PyExc_ValueError, "%s points to host memory; the CUDA DecLinear needs device memory", name);
         goto fail;
     }
+    if (claimed >= 0 && claimed != dev) {
+        PyErr_Format(PyExc_ValueError, "%s: __dlpack_device__ says cuda:%d but the memory is on cuda:%d",
+                     name, claimed, dev);
+        goto fail;
+    }
     v->device = dev;
     return 0;
 fail:
     dd_py_device_view_release(v);
     return -1;
+}
+
+int dd_py_device_view_check_extent(const dd_device_view *v, const char *name, size_t bytes, size_t align) {
+    if (bytes == 0) return 0;
+    const uintptr_t p = (uintptr_t)v->ptr;
+    if (align > 1 && (p % align) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be aligned to %zu bytes (its elements), got address %p",
+                     name, align, v->ptr);
+        return -1;
+    }
+    uintptr_t base = 0;
+    size_t size = 0;
+    int known = 0;
+    dd_status st = dd_cuda_pointer_range(v->ptr, &base, &size, &known);
+    if (st != DD_OK) { dd_py_cuda_raise(st, name); return -1; }
+    if (known && (p < base || p - base > size || size - (p - base) < bytes)) {
+        PyErr_Format(PyExc_ValueError, "%s: %zu bytes from %p run past the end of its device allocation "
+                     "(%zu bytes at %p): the shape, n_tokens= or pointer is wrong", name, bytes, v->ptr,
+                     size, (void *)base);
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- benchmark hooks for decdec.bench --------------------------------------------------- */
