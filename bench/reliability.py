@@ -1456,7 +1456,8 @@ class _CudaBase(Target):
         labels.append("as:" + where)
         if where == "x":
             y = self.L.forward(obj)
-            raise BadAccept("a malformed device array was accepted as x") if self.bad else None
+            if self.bad:
+                raise BadAccept("a malformed device array was accepted as x")
             return y
         if where == "out":
             self.L.forward(self.x, out=obj)
@@ -1532,6 +1533,7 @@ class CAITarget(_CudaBase):
             # int stream handles are trusted like raw pointers' sizes of old: CUDA cannot validate one
             # (a made-up handle faults inside the runtime, as in every CUDA library); the README says so
             d["stream"] = _choice(rng, [0, -1, 2**63, "x", 1.5, None])
+            self.bad = d["stream"] is not None  # None: "no synchronisation needed", valid
         elif kind == "mask":
             d["mask"] = good
         obj = _FakeCAI(d)

@@ -433,6 +433,11 @@ static int dlpack_view(PyObject *obj, const char *name, dd_device_view *v) {
                      (int)t->device.device_type);
         return -1;
     }
+    if (t->device.device_id != v->device) {
+        PyErr_Format(PyExc_ValueError, "%s: the DLPack tensor says cuda:%d, its __dlpack_device__ cuda:%d",
+                     name, (int)t->device.device_id, v->device);
+        return -1;
+    }
     if (t->ndim < 1 || t->ndim > 2 || !t->shape) {
         PyErr_Format(PyExc_ValueError, "%s must be 1-D or 2-D, got %d dimensions", name, (int)t->ndim);
         return -1;
