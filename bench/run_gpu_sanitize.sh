@@ -2,14 +2,8 @@
 # One device call after bench/run_gpu_v2.sh (same warm machine, or it rebuilds): compute-sanitizer
 # memcheck / racecheck / synccheck on the harness, memcheck on the GPU pytest files, the whole
 # suite, the GPU fuzz targets (CUDA array interface, DLPack) and the soak with CUDA layers.
-OUT=${OUT:-/tmp/out}
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export CUDA_HOME=$(dirname $(dirname $(readlink -f $(which nvcc)))) DECDEC_CUDA_ARCHS=90 MAX_JOBS=16
+. bench/gpu_env.sh
 [ -x /tmp/ddh/cuda_harness ] || sh csrc/cuda/tests/build.sh /tmp/ddh 90 > $OUT/harness_build.log 2>&1
 python3 -c "import decdec" 2>/dev/null || timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . > $OUT/pip.log 2>&1
 H=/tmp/ddh/cuda_harness

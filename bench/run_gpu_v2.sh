@@ -2,15 +2,9 @@
 # One device call for DecLinear v2 (issue 7): build the harness and the extension (sm_90), the
 # harness tests, the GPU pytest files, then the whole suite. Logs under $OUT.
 # Usage on the device: OUT=$OUT bash bench/run_gpu_v2.sh   (carry .whl with the gguf wheel)
-OUT=${OUT:-/tmp/out}
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+. bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-export CUDA_HOME=$(dirname $(dirname $(readlink -f $(which nvcc)))) DECDEC_CUDA_ARCHS=90 MAX_JOBS=16
 (sh csrc/cuda/tests/build.sh /tmp/ddh 90 > $OUT/harness_build.log 2>&1; echo "harness build rc=$?") &
 timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . > $OUT/pip.log 2>&1; echo "pip rc=$?"; tail -3 $OUT/pip.log
 wait
