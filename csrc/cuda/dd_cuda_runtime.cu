@@ -343,16 +343,20 @@ static bool variant_ok(const dd_cuda_variant *v, int n_sm) {
            v->base_sm <= n_sm;
 }
 
+/* The settings a run may carry on layer L (one rule for dd_cuda_run_init and the call's check). */
+static bool settings_ok(const dd_cuda_layer *L, int32_t k_chunk, int32_t n_tb, int32_t path,
+                        const dd_cuda_variant *v) {
+    return k_chunk >= 0 && k_chunk <= DD_CHUNK && n_tb >= 1 && n_tb <= dd_n_tb_max(L->n_sm) &&
+           path >= DD_PATH_FUSED && path <= DD_PATH_FORKJOIN && variant_ok(v, L->n_sm);
+}
+
 extern "C" dd_status dd_cuda_run_init(const dd_cuda_layer *L, int32_t k_chunk, int32_t n_tb, int32_t path,
                                       const dd_cuda_variant *variant, dd_cuda_run *run) {
     if (!L || !run) return DD_ERR_INVALID_ARGUMENT;
-    if (k_chunk < 0 || k_chunk > DD_CHUNK) return DD_ERR_INVALID_ARGUMENT;
-    if (n_tb < 1 || n_tb > dd_n_tb_max(L->n_sm)) return DD_ERR_INVALID_ARGUMENT;
-    if (path < DD_PATH_FUSED || path > DD_PATH_FORKJOIN) return DD_ERR_INVALID_ARGUMENT;
     dd_cuda_variant v;
     memset(&v, 0, sizeof v);
     if (variant) v = *variant;
-    if (!variant_ok(&v, L->n_sm)) return DD_ERR_INVALID_ARGUMENT;
+    if (!settings_ok(L, k_chunk, n_tb, path, &v)) return DD_ERR_INVALID_ARGUMENT;
     dd_cuda_run r;
     memset(&r, 0, sizeof r);
     r.k_chunk = k_chunk;
@@ -373,8 +377,7 @@ extern "C" dd_status dd_cuda_run_init(const dd_cuda_layer *L, int32_t k_chunk, i
 
 /* What a call checks of a run it did not make (cheap: no loop over the input). */
 static bool run_ok(const dd_cuda_layer *L, const dd_cuda_run *R) {
-    return R->k_chunk >= 0 && R->k_chunk <= DD_CHUNK && R->n_tb >= 1 && R->n_tb <= dd_n_tb_max(L->n_sm) &&
-           R->path >= DD_PATH_FUSED && R->path <= DD_PATH_FORKJOIN && variant_ok(&R->variant, L->n_sm) &&
+    return settings_ok(L, R->k_chunk, R->n_tb, R->path, &R->variant) &&
            R->k_total == dd_total_quota(L->shape.d_in, R->k_chunk) &&
            (!R->fused_ok || R->k_total <= DD_FUSED_SEL_CAP);
 }

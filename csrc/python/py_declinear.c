@@ -95,7 +95,10 @@ static int parse_selection(PyObject *value, dd_selection *out) {
     return 0;
 }
 
-int dd_py_parse_int_in(PyObject *value, const char *name, long lo, long hi, int32_t *out) {
+/* An int in [lo, hi]: TypeError for non-ints (bool included), ValueError out of range; `why` (may
+ * be "") is appended to the range in the message, saying where the bound comes from. */
+static int parse_int_range(PyObject *value, const char *name, long lo, long hi, const char *why,
+                           int32_t *out) {
     if (!PyLong_Check(value) || PyBool_Check(value)) {
         PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", name, Py_TYPE(value)->tp_name);
         return -1;
@@ -104,11 +107,15 @@ int dd_py_parse_int_in(PyObject *value, const char *name, long lo, long hi, int3
     long v = PyLong_AsLongAndOverflow(value, &overflow);
     if (v == -1 && PyErr_Occurred()) return -1;
     if (overflow || v < lo || v > hi) {
-        PyErr_Format(PyExc_ValueError, "%s must be in [%ld, %ld], got %S", name, lo, hi, value);
+        PyErr_Format(PyExc_ValueError, "%s must be in [%ld, %ld]%s, got %S", name, lo, hi, why, value);
         return -1;
     }
     *out = (int32_t)v;
     return 0;
+}
+
+int dd_py_parse_int_in(PyObject *value, const char *name, long lo, long hi, int32_t *out) {
+    return parse_int_range(value, name, lo, hi, "", out);
 }
 
 static int parse_k_chunk(PyObject *value, int32_t *out) {
@@ -118,21 +125,10 @@ static int parse_k_chunk(PyObject *value, int32_t *out) {
 /* n_tb within the backend's limits: CUDA 1..dd_n_tb_max(SMs), CPU 1..DD_N_TB_LIMIT. */
 static int parse_n_tb(PyObject *value, int backend, int n_sm, int32_t *out) {
     if (backend != DD_BACKEND_CUDA) return dd_py_parse_int_in(value, "n_tb", 1, DD_N_TB_LIMIT, out);
-    const long hi = dd_n_tb_max(n_sm);
-    if (!PyLong_Check(value) || PyBool_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "n_tb must be an int, got %s", Py_TYPE(value)->tp_name);
-        return -1;
-    }
-    int overflow = 0;
-    long v = PyLong_AsLongAndOverflow(value, &overflow);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    if (overflow || v < 1 || v > hi) {
-        PyErr_Format(PyExc_ValueError, "n_tb must be in [1, %ld] on this GPU (%d multiprocessors: "
-                     "n_tb_max(n_sm) = max(1, n_sm - 1)), got %S", hi, n_sm, value);
-        return -1;
-    }
-    *out = (int32_t)v;
-    return 0;
+    char why[96];
+    PyOS_snprintf(why, sizeof why, " on this GPU (%d multiprocessors: n_tb_max(n_sm) = max(1, n_sm - 1))",
+                  n_sm);
+    return parse_int_range(value, "n_tb", 1, dd_n_tb_max(n_sm), why, out);
 }
 
 /* Settable attributes cannot be deleted: `del layer.k_chunk` raises instead of zeroing. */
@@ -533,14 +529,14 @@ static PyObject *declinear_forward(DecLinearObject *self, PyObject *args, PyObje
     }
 
     dd_status st;
-    const dd_py_settings set = self->settings; /* this call's settings, whatever setters do next */
-    Py_INCREF(w);                               /* the weights outlive the call, GIL or not */
+    /* this call's settings, whatever setters do next; w needs no reference of its own: the call
+     * holds self, and self holds its weights for life (they are never replaced once ready) */
+    const dd_py_settings set = self->settings;
     Py_BEGIN_ALLOW_THREADS
     st = dd_cpu_forward(&w->shape, w->qweight, w->scales, w->zeros, w->rcodes, w->rscales,
                         w->thresholds, set.k_chunk, set.selection, (const float *)PyArray_DATA(x32),
                         (int32_t)n_tok, (float *)PyArray_DATA(y32));
     Py_END_ALLOW_THREADS
-    Py_DECREF(w);
     if (st != DD_OK) {
         dd_py_raise(st, "DecLinear.forward (cpu)");
         goto fail;
@@ -591,12 +587,10 @@ static PyObject *declinear_select(DecLinearObject *self, PyObject *args, PyObjec
     }
     int32_t n = 0;
     dd_status st;
-    Py_INCREF(w);
     Py_BEGIN_ALLOW_THREADS
     st = dd_cpu_select((const float *)PyArray_DATA(x32), w->shape.d_in, w->thresholds, set.k_chunk,
                        set.selection, (int32_t *)PyArray_DATA(idx), &n);
     Py_END_ALLOW_THREADS
-    Py_DECREF(w);
     Py_DECREF(x32);
     if (st != DD_OK) {
         Py_DECREF(idx);
@@ -752,29 +746,17 @@ static PyObject *get_residual_codes(DecLinearObject *self, void *c) {
     return a;
 }
 
-static int set_k_chunk(DecLinearObject *self, PyObject *value, void *c) {
-    (void)c;
+/* k_chunk, n_tb and selection: the getset closure names the attribute; the new settings are
+ * validated (and on CUDA derived) as a whole before they replace the old ones. */
+static int set_setting(DecLinearObject *self, PyObject *value, void *closure) {
+    const char *name = (const char *)closure;
     READY_OR_FAIL(self);
+    if (reject_delete(value, name)) return -1;
+    const int is_k = strcmp(name, "k_chunk") == 0, is_n_tb = strcmp(name, "n_tb") == 0;
     dd_py_settings s;
-    if (reject_delete(value, "k_chunk") || settings_replace(self, value, NULL, NULL, &s)) return -1;
-    self->settings = s;
-    return 0;
-}
-
-static int set_n_tb(DecLinearObject *self, PyObject *value, void *c) {
-    (void)c;
-    READY_OR_FAIL(self);
-    dd_py_settings s;
-    if (reject_delete(value, "n_tb") || settings_replace(self, NULL, value, NULL, &s)) return -1;
-    self->settings = s;
-    return 0;
-}
-
-static int set_selection(DecLinearObject *self, PyObject *value, void *c) {
-    (void)c;
-    READY_OR_FAIL(self);
-    dd_py_settings s;
-    if (reject_delete(value, "selection") || settings_replace(self, NULL, NULL, value, &s)) return -1;
+    if (settings_replace(self, is_k ? value : NULL, is_n_tb ? value : NULL,
+                         is_k || is_n_tb ? NULL : value, &s))
+        return -1;
     self->settings = s;
     return 0;
 }
@@ -796,12 +778,12 @@ static PyGetSetDef declinear_getset[] = {
     {"bits", (getter)get_bits, NULL, "bits of the base weight (3 or 4)", NULL},
     {"group_size", (getter)get_group_size, NULL, "quantization group size (64 or 128)", NULL},
     {"backend", (getter)get_backend, NULL, "'cpu' or 'cuda'", NULL},
-    {"k_chunk", (getter)get_k_chunk, (setter)set_k_chunk,
-     "channels compensated per 1024-wide chunk of x (0 turns compensation off)", NULL},
-    {"n_tb", (getter)get_n_tb, (setter)set_n_tb,
+    {"k_chunk", (getter)get_k_chunk, (setter)set_setting,
+     "channels compensated per 1024-wide chunk of x (0 turns compensation off)", (void *)"k_chunk"},
+    {"n_tb", (getter)get_n_tb, (setter)set_setting,
      "thread blocks the GPU's DEC part may hold beside the base GEMV: CUDA layers 1..n_tb_max(SMs), "
-     "default n_tb_default(SMs); CPU layers 1..N_TB_LIMIT, default 16 (the CPU ignores it)", NULL},
-    {"selection", (getter)get_selection, (setter)set_selection, "'bucket' (approximate top-k) or 'exact'", NULL},
+     "default n_tb_default(SMs); CPU layers 1..N_TB_LIMIT, default 16 (the CPU ignores it)", (void *)"n_tb"},
+    {"selection", (getter)get_selection, (setter)set_setting, "'bucket' (approximate top-k) or 'exact'", (void *)"selection"},
     {"residual_nbytes", (getter)get_residual_nbytes, NULL, "bytes of the residual cheatsheet's codes (host memory)", NULL},
     {"residual_pinned", (getter)get_residual_pinned, NULL, "whether the residual lives in pinned, mapped memory", NULL},
     {"weight_nbytes", (getter)get_weight_nbytes, NULL,
