@@ -123,14 +123,4 @@ DD_HD static inline void dd_rule_mac_word(uint32_t word, float xv, float acc[8])
     }
 }
 
-/* acc[0..d_out) += xv * R_codes[row, 0..d_out) for one residual row of d_out/2 bytes (d_out a
- * multiple of DD_OUT_ALIGN, so the row is whole words). */
-DD_HD static inline void dd_rule_mac_row(const uint8_t *row, float xv, int32_t d_out, float *acc) {
-    for (int32_t w = 0; w < d_out / 8; w++) {
-        uint32_t word;
-        memcpy(&word, row + 4 * (size_t)w, sizeof word);
-        dd_rule_mac_word(word, xv, acc + 8 * (size_t)w);
-    }
-}
-
 #endif /* DD_RULES_H */
