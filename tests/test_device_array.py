@@ -90,6 +90,7 @@ def test_malformed_cuda_array_interface_is_an_exception_not_a_crash(layer_and_x)
         {**good, "shape": ("256",)}, {**good, "shape": (-1,)}, {**good, "shape": (2**62, 2**62)},
         {**good, "shape": (True,)}, {**good, "shape": (2**70,)},
         {**good, "typestr": 5}, {**good, "typestr": "<f8"}, {**good, "typestr": "\udcff"},
+        {**good, "typestr": "<f2\0x"},  # an embedded NUL must not pass as "<f2" (fuzz, H200)
         {**good, "data": (d.ptr,)}, {**good, "data": (d.ptr, False, 1)}, {**good, "data": [d.ptr, False]},
         {**good, "data": ("p", False)}, {**good, "data": (d.ptr, 0)}, {**good, "data": (-5, False)},
         {**good, "data": (2**80, False)}, {**good, "data": None},

@@ -565,13 +565,15 @@ static int cai_view(PyObject *obj, PyObject *cai, const char *name, dd_device_vi
         }
         v->shape[d] = (Py_ssize_t)e;
     }
-    const char *tss = PyUnicode_AsUTF8(ts);
+    Py_ssize_t tslen = 0;
+    const char *tss = PyUnicode_AsUTF8AndSize(ts, &tslen);
     if (!tss) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "%s: malformed __cuda_array_interface__: 'typestr' is not valid UTF-8", name);
         return -1;
     }
-    v->typenum = typenum_of(tss);
+    /* the length check refuses an embedded NUL ("<f2\0x"), which strcmp alone would accept */
+    v->typenum = (size_t)tslen == strlen(tss) ? typenum_of(tss) : -1;
     if (v->typenum < 0) {
         PyErr_Format(PyExc_TypeError, "%s: unsupported typestr %R (float16 '<f2', float32 '<f4', uint8 "
                      "'|u1' or int32 '<i4')", name, ts);
