@@ -179,8 +179,12 @@ def bench_bandwidth(args) -> list[dict]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "engine":
+        from . import bench_engine
+        return bench_engine.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m decdec bench", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["kernels", "bandwidth"])
+    p.add_argument("what", choices=["kernels", "bandwidth", "engine"],
+                   help="engine: whole-model decode (python -m decdec bench engine --help)")
     p.add_argument("--quick", action="store_true", help="two shapes, k_chunk 0/8/16 only")
     p.add_argument("--reps", type=int, default=7, help="graph replays per measurement (median)")
     p.add_argument("--no-peers", action="store_true", help="skip the torch peers")

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 import time
+
+import numpy as np
 from pathlib import Path
 
 DEMO_PROMPT = "Write one sentence about the sea."
@@ -61,6 +63,37 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _engine_for(args, qm, max_seq: int):
+    """A GpuEngine at --k-chunk, or at the tuned configuration of --tuned (a file or a target)."""
+    from .engine import GpuEngine
+    eng = GpuEngine(qm, max_seq=max_seq)
+    if getattr(args, "tuned", None):
+        from . import engine_tune
+        path = args.tuned
+        if not os.path.exists(path):
+            path = engine_tune.tuned_config_path(args.artifact, float(args.tuned))
+        config, meta = engine_tune.load_config(path)
+        eng.set_config(config)
+        return eng, f"tuned {os.path.basename(str(path))}: n_tb {config.n_tb}, k_chunk {dict(config.k_chunk)}"
+    eng.set_k_chunk(args.k_chunk)
+    return eng, f"k_chunk {args.k_chunk}"
+
+
+def cmd_eval_cuda(args, qm, tokens, protocol) -> int:
+    eng, setting = _engine_for(args, qm, protocol.context)
+    rows = []
+    if not getattr(args, "tuned", None) and args.k_chunk:
+        eng.set_k_chunk(0)
+        rows.append((f"{qm.label()} k_chunk 0", eng.perplexity(tokens, protocol, bos_id=qm.config.bos_id)))
+        eng.set_k_chunk(args.k_chunk)
+    rows.append((f"{qm.label()} {setting}", eng.perplexity(tokens, protocol, bos_id=qm.config.bos_id)))
+    print(f"protocol: {protocol.describe()} (GPU: teacher-forced decode, every token compensated on its own)")
+    for name, r in rows:
+        print(f"{name:<60} perplexity {r['perplexity']:9.3f}  ({r['n_tokens']} tokens, "
+              f"{len(r['per_window'])} windows, {r['seconds']:.1f} s)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import artifacts, pipeline
     from .evaluate import EvalConfig, PerplexityProtocol, evaluate
@@ -71,6 +104,8 @@ def cmd_eval(args) -> int:
     tokens = qm.tokenizer.encode(_read_text(args.text))
     protocol = PerplexityProtocol(context=args.context, stride=args.stride or args.context - 1,
                                   n_tokens=args.tokens)
+    if args.device == "cuda":
+        return cmd_eval_cuda(args, qm, tokens, protocol)
     model = pipeline.build_model(qm, args.k_chunk, args.selection)
     if args.reference:
         ref_weights, _ = _load_source(args.reference)
@@ -93,10 +128,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate_cuda(args) -> int:
+    from . import artifacts
+    if not args.artifact:
+        raise SystemExit("decdec: generate --device cuda needs --artifact (a quantized model)")
+    qm = artifacts.load(args.artifact)
+    tok = qm.tokenizer
+    if tok is None:
+        raise SystemExit(f"decdec: {args.artifact} carries no tokenizer")
+    text = args.prompt if args.raw else tok.format_chat(args.prompt, None)
+    ids = tok.encode(text)
+    if ids.size == 0:
+        ids = np.asarray([tok.bos_id], dtype=np.int64)
+    eng, setting = _engine_for(args, qm, int(ids.size) + args.max_new_tokens + 1)
+    temperature = 0.0 if args.greedy else args.temperature
+    print(f"[{qm.label()}, {setting}, GPU engine]", file=sys.stderr)
+    r = eng.generate(ids, args.max_new_tokens, temperature=temperature, top_p=args.top_p, seed=args.seed)
+    new = [int(t) for t in r.tokens]
+    stop = next((i for i, t in enumerate(new) if t in tok.stop_ids), None)
+    if stop is not None:
+        new = new[:stop]
+    print(tok.decode(new, skip_special_tokens=True))
+    print(f"[{len(new)} tokens, prefill {r.prompt_tokens / max(r.prefill_seconds, 1e-9):.0f} tok/s, "
+          f"decode {r.tokens_per_second:.1f} tok/s (graph replays, GPU sampling), stopped by "
+          f"{'eos' if stop is not None else 'max_new_tokens'}]", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from . import artifacts, pipeline
     from .generate import generate
     from .model import LlamaModel
+    if args.device == "cuda":
+        return cmd_generate_cuda(args)
     if args.artifact:
         qm = artifacts.load(args.artifact)
         tok = qm.tokenizer
@@ -233,9 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stride", type=int, default=None, help="default context - 1 (no overlap)")
     s.add_argument("--reference", default=None,
                    help="float model for KL / top-1: 'smollm2', a GGUF file or an HF directory")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU engine, teacher-forced decode (default cpu)")
+    s.add_argument("--tuned", default=None,
+                   help="with --device cuda: a tuned configuration file, or a target such as 0.025 "
+                        "(the file `python -m decdec tune --engine` wrote beside the artifact)")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("generate", help="generate text on the CPU")
+    s = sub.add_parser("generate", help="generate text (CPU, or the GPU engine with --device cuda)")
     s.add_argument("prompt")
     s.add_argument("--artifact", default=None, help="quantized model (default: the float SmolLM2)")
     s.add_argument("--model", default=None)
@@ -247,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=0.9)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--raw", action="store_true", help="no chat template")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU engine (prefill, then graph-replayed decode; default cpu)")
+    s.add_argument("--tuned", default=None, help="with --device cuda: tuned configuration file or target")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="the main job: quantize, calibrate, measure, generate (<10 min)")

@@ -111,6 +111,7 @@ PyObject *dd_py_declinear_cuda_select(DecLinearObject *self, PyObject *args, PyO
 PyObject *dd_py_declinear_cuda_prepare(DecLinearObject *self, PyObject *args, PyObject *kwds);
 void dd_py_declinear_cuda_free(DecLinearObject *self); /* the workspace table */
 int dd_py_cuda_types_init(PyObject *module);          /* DeviceArray & co */
+int dd_py_engine_init(PyObject *module);              /* decdec._C.Engine (py_engine.c) */
 #endif
 
 #endif

@@ -162,6 +162,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     if (PyModule_AddObjectRef(m, "_LayerWeights", (PyObject *)&LayerWeights_Type) < 0) goto fail;
 #ifdef DD_PY_CUDA
     if (dd_py_cuda_types_init(m) < 0) goto fail;
+    if (dd_py_engine_init(m) < 0) goto fail;
 #endif
     if (PyModule_AddIntConstant(m, "FORMAT_VERSION", DD_FORMAT_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "CHUNK", DD_CHUNK) < 0 ||
