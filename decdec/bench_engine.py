@@ -28,7 +28,7 @@ def _hbm_gbs() -> dict:
     return {"hbm_gbs": hbm, "zero_copy_gbs": zc, "h2d_gbs": h2d, "device": _C._cuda_device_name(0)}
 
 
-def _peer(preset: str, variant: str, pos: int, layers: int | None) -> dict:
+def _peer(preset: str, variant: str, pos: int, layers: int | None, prefill: int = 0) -> dict:
     try:
         sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "bench"))
         from engine_peers import measure_peer  # noqa: E402  (bench/engine_peers.py, torch)
@@ -36,6 +36,8 @@ def _peer(preset: str, variant: str, pos: int, layers: int | None) -> dict:
         return {"variant": variant, "error": f"peer unavailable: {e}"}
     try:
         kw = {"n_layers": layers} if layers else {}
+        if prefill and variant == "bf16":
+            kw.update(prefill=True, prefill_tokens=prefill)
         return measure_peer(preset, variant, pos=pos, **kw)
     except Exception as e:  # noqa: BLE001
         return {"variant": variant, "error": f"{type(e).__name__}: {e}"}
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
             all_recs += recs
             peers = {}
             for v in args.peers:
-                peers[v] = _peer(preset, v, args.pos, args.layers_70b if model == "llama3-70b-layers" else None)
+                peers[v] = _peer(preset, v, args.pos, args.layers_70b if model == "llama3-70b-layers" else None,
+                                 args.prefill)
             for r in recs:
                 r["peers"] = peers
                 r["vs_peers"] = {v: pr["us_per_step"] / r["us_per_step"] for v, pr in peers.items()

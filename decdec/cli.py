@@ -98,6 +98,9 @@ def cmd_eval(args) -> int:
     from . import artifacts, pipeline
     from .evaluate import EvalConfig, PerplexityProtocol, evaluate
     from .model import LlamaModel
+    if args.device == "cuda":
+        from .engine import _need_engine
+        _need_engine()
     qm = artifacts.load(args.artifact)
     if qm.tokenizer is None:
         raise SystemExit(f"decdec: {args.artifact} carries no tokenizer")
@@ -130,6 +133,8 @@ def cmd_eval(args) -> int:
 
 def cmd_generate_cuda(args) -> int:
     from . import artifacts
+    from .engine import _need_engine
+    _need_engine()    # before minutes of loading: say at once when there is no GPU engine here
     if not args.artifact:
         raise SystemExit("decdec: generate --device cuda needs --artifact (a quantized model)")
     qm = artifacts.load(args.artifact)
@@ -340,10 +345,14 @@ def main(argv=None) -> int:
         from . import tune
         return int(tune.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
+    from .engine import EngineUnavailable
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except EngineUnavailable as e:
+        print(f"decdec: error: --device cuda: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         # Library errors carry a message naming the cause; show it without a traceback.
         if os.environ.get("DECDEC_DEBUG"):

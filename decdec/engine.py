@@ -27,20 +27,51 @@ import numpy as np
 from . import formats
 from .model import LINEAR_NAMES, rope_inv_freq
 
-# the engine's projection order per block (dd_cuda_engine.h DD_LIN_*)
+# the engine's projection order per block (dd_cuda_engine.h DD_LIN_*), and the fused order
+# (DD_FLIN_*): q|k|v and gate|up stacked into one layer each
 ENGINE_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+FUSED_ORDER = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
 MODULE_OF = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wo": "o", "w_gate": "gate_up",
              "w_up": "gate_up", "w_down": "down"}
 assert set(ENGINE_ORDER) == set(LINEAR_NAMES)
 
 
+def stack_linears(parts):
+    """One QuantizedLinear whose output rows are the parts' rows in order (q|k|v, gate|up).
+
+    Exact for DecDEC when the parts share their input: packed weight rows, group scales / zeros
+    and residual scales are per output row; the cheatsheet's row for input channel i is the
+    parts' rows for i side by side; the thresholds (calibrated on that shared input) must be
+    equal, else ValueError (the caller then keeps the parts separate)."""
+    from .cheatsheet import Cheatsheet
+    from .pipeline import QuantizedLinear
+    from .quantize import QuantizedWeight
+    q0 = parts[0].qweight
+    for p in parts[1:]:
+        if (p.qweight.bits, p.qweight.group_size, p.qweight.in_features) != (q0.bits, q0.group_size, q0.in_features):
+            raise ValueError("stacked projections must share bits, group size and input width")
+        if not np.array_equal(p.thresholds, parts[0].thresholds):
+            raise ValueError("stacked projections must share their thresholds (the same input)")
+    qw = QuantizedWeight(np.concatenate([p.qweight.qweight for p in parts]),
+                         np.concatenate([p.qweight.scales for p in parts]),
+                         np.concatenate([p.qweight.zeros for p in parts]),
+                         q0.bits, q0.group_size, q0.in_features, sum(p.qweight.out_features for p in parts))
+    cs = Cheatsheet(np.concatenate([p.cheatsheet.codes for p in parts], axis=1),
+                    np.concatenate([p.cheatsheet.scales for p in parts]))
+    return QuantizedLinear(qw, cs, parts[0].thresholds)
+
+
+class EngineUnavailable(RuntimeError):
+    """No CUDA build or no usable GPU: the GPU engine cannot run here."""
+
+
 def _need_engine():
     from . import _C
     if not hasattr(_C, "Engine"):
-        raise RuntimeError("the GPU engine needs a CUDA build of decdec (nvcc at build time); this "
+        raise EngineUnavailable("the GPU engine needs a CUDA build of decdec (nvcc at build time); this "
                            "build has the CPU backend only")
     if not _C.cuda_available():
-        raise RuntimeError("the GPU engine needs a usable CUDA GPU and driver; none was found")
+        raise EngineUnavailable("the GPU engine needs a usable CUDA GPU and driver; none was found")
     return _C
 
 
@@ -76,7 +107,7 @@ class GpuEngine:
     prefill launch sequence (activations are sized for it)."""
 
     def __init__(self, qm, max_seq: int = 2048, max_prefill: int = 512, k_chunk: int = 0,
-                 n_tb: int | None = None, layers=None):
+                 n_tb: int | None = None, layers=None, fused: bool | None = None):
         _C = _need_engine()
         from .layer import make_declinear
         c = qm.config
@@ -90,9 +121,25 @@ class GpuEngine:
         self.config = c
         self.max_seq = int(max_seq)
         if layers is None:
-            layers = [make_declinear(b.linears[n].qweight, b.linears[n].cheatsheet, b.linears[n].thresholds,
-                                     device="cuda") for b in qm.blocks for n in ENGINE_ORDER]
+            # fused (q|k|v and gate|up stacked: 4 DecLinear calls per block instead of 7) whenever
+            # the parts share thresholds, as calibration on one input gives; fused=False forces 7
+            stacked = None
+            if fused is not False:
+                try:
+                    stacked = [[stack_linears([b.linears[n] for n in grp]) for grp in FUSED_ORDER]
+                               for b in qm.blocks]
+                except ValueError:
+                    if fused:
+                        raise
+            self.fused = stacked is not None
+            lins = ([ql for blk in stacked for ql in blk] if stacked is not None else
+                    [b.linears[n] for b in qm.blocks for n in ENGINE_ORDER])
+            layers = [make_declinear(ql.qweight, ql.cheatsheet, ql.thresholds, device="cuda") for ql in lins]
+        else:
+            self.fused = bool(fused) if fused is not None else len(layers) == 4 * c.n_layers
         self.layers = list(layers)
+        self.slot_modules = (("qkv", "o", "gate_up", "down") if self.fused
+                             else tuple(MODULE_OF[n] for n in ENGINE_ORDER))
         tied = qm.lm_head is qm.tok_embeddings
         embed = _fp16(qm.tok_embeddings, "tok_embeddings")
         head = None if tied else _fp16(qm.lm_head, "lm_head")
@@ -102,7 +149,7 @@ class GpuEngine:
         cfg = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
                "head_dim": c.head_dim, "ffn_dim": c.ffn_dim, "vocab": c.vocab_size,
                "norm_eps": float(c.norm_eps), "max_seq": self.max_seq, "max_prefill": max_prefill,
-               "sliding_window": int(c.sliding_window or 0)}
+               "sliding_window": int(c.sliding_window or 0), "fused": int(self.fused)}
         self._e = _C.Engine(cfg, embed, head, np.ascontiguousarray(norms), cos, sin, self.layers)
         self.n_sm = self._sm()
         self.n_tb = int(n_tb) if n_tb is not None else formats.n_tb_default(self.n_sm)
@@ -126,8 +173,7 @@ class GpuEngine:
 
     def set_config(self, config) -> None:
         """An EngineConfig (decdec.engine_tune): n_tb and k_chunk per module type."""
-        ks = [int(config.k_chunk[MODULE_OF[name]]) for _ in range(self.config.n_layers)
-              for name in ENGINE_ORDER]
+        ks = [int(config.k_chunk[m]) for _ in range(self.config.n_layers) for m in self.slot_modules]
         self.set_k_chunks(ks, config.n_tb)
 
     def set_reference(self, logp, start: int = 0) -> None:

@@ -80,6 +80,22 @@ def test_compensation_changes_the_output(qm, engine):
 
 
 @gpu
+@pytest.mark.parametrize("k", [0, 8, 16])
+def test_fused_projections_equal_separate_ones(qm, engine, k):
+    # q|k|v and gate|up stacked into one DecLinear each (4 calls per block) against 7 separate
+    # layers: the same selection (shared thresholds) and per-row arithmetic
+    from decdec.engine import GpuEngine
+    assert engine.fused and len(engine.layers) == 4 * qm.config.n_layers
+    sep = GpuEngine(qm, max_seq=128, max_prefill=64, fused=False)
+    assert not sep.fused and len(sep.layers) == 7 * qm.config.n_layers
+    ids = _window(40, seed=21)
+    engine.set_k_chunk(k)
+    sep.set_k_chunk(k)
+    a, b = engine.score(ids), sep.score(ids)
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+@gpu
 @pytest.mark.parametrize("k", [0, 8])
 def test_graph_replay_equals_eager(engine, k):
     ids = _window(40, seed=9)
@@ -113,7 +129,9 @@ def test_prefill_logits_match_decode(engine):
 def test_greedy_generation_follows_cpu_argmax(qm, engine):
     prompt = _window(12, seed=2)
     engine.set_k_chunk(8)
-    out = engine.generate(prompt, max_new_tokens=16, temperature=0.0)
+    # the prompt decoded token by token WITH compensation, as the CPU prefill computes it (the
+    # engine's batched prefill runs without compensation, like the paper's)
+    out = engine.generate(prompt, max_new_tokens=16, temperature=0.0, prefill=False)
     assert out.tokens.shape == (16,)
     seq = np.concatenate([prompt, out.tokens])
     lp = _cpu_logp(qm, seq, 8)
@@ -176,12 +194,13 @@ def test_engine_refuses_bad_input(qm, engine):
     engine._e.reset(_window(10))
     with pytest.raises(ValueError):
         engine._e.decode(129)
+    n = len(engine.layers)
     with pytest.raises(ValueError, match="k_chunk"):
-        engine._e.set_runs([0] * 13, 4)
+        engine._e.set_runs([0] * (n - 1), 4)
     with pytest.raises(ValueError, match="k_chunk"):
-        engine._e.set_runs([2000] * 14, 4)
+        engine._e.set_runs([2000] * n, 4)
     with pytest.raises(ValueError, match="n_tb"):
-        engine._e.set_runs([0] * 14, 100000)
+        engine._e.set_runs([0] * n, 100000)
     with pytest.raises(ValueError, match="temperature"):
         engine._e.set_sampling(-1.0, 0.9, 0)
 
@@ -224,3 +243,18 @@ def test_engine_needs_cuda_build_message():
     from decdec.engine import GpuEngine
     with pytest.raises(RuntimeError, match="CUDA"):
         GpuEngine(None)
+
+
+def test_cli_device_cuda_without_gpu_is_a_clear_error(qm, tmp_path, capsys):
+    if HAVE_GPU:
+        pytest.skip("a GPU is present")
+    from decdec import artifacts, cli
+    from tiny_llama import byte_tokenizer
+    qm.tokenizer = byte_tokenizer()
+    art = artifacts.save(qm, tmp_path / "art")
+    (tmp_path / "t.txt").write_text("hello world " * 20)
+    for argv in (["eval", str(tmp_path / "t.txt"), "--artifact", str(art), "--device", "cuda",
+                  "--tokens", "50", "--context", "16"],
+                 ["generate", "hi", "--artifact", str(art), "--device", "cuda"]):
+        assert cli.main(argv) == 2
+        assert "--device cuda" in capsys.readouterr().err

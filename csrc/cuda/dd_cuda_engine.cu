@@ -30,6 +30,7 @@ struct dd_cuda_engine {
     uint16_t *d_kcache, *d_vcache; /* [n_layers, n_kv, max_seq, head_dim] */
     float *d_h;
     uint16_t *d_xn, *d_q, *d_k, *d_v, *d_att, *d_y, *d_gate, *d_up, *d_act;
+    uint16_t *d_qkv, *d_gu; /* fused decode: the stacked outputs (q|k|v, gate|up) of one row */
     uint16_t *d_wdeq; /* prefill: one dequantised projection */
     float *d_logits;
     int32_t *d_state, *d_tokens;
@@ -50,7 +51,19 @@ static dd_status eng_alloc(dd_cuda_engine *e, void **p, size_t bytes) {
     return st;
 }
 
+int dd_engine_layers_per_block(const dd_engine_config *c) {
+    return c && c->fused ? (int)DD_FLIN_PER_BLOCK : (int)DD_LIN_PER_BLOCK;
+}
+
 static size_t lin_out(const dd_engine_config *c, int i) {
+    const size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    if (c->fused) {
+        switch (i) {
+        case DD_FLIN_QKV: return QD + 2 * KD;
+        case DD_FLIN_O: case DD_FLIN_DOWN: return (size_t)c->dim;
+        default: return 2 * (size_t)c->ffn_dim;
+        }
+    }
     switch (i) {
     case DD_LIN_Q: return (size_t)c->n_heads * c->head_dim;
     case DD_LIN_K: case DD_LIN_V: return (size_t)c->n_kv_heads * c->head_dim;
@@ -59,6 +72,13 @@ static size_t lin_out(const dd_engine_config *c, int i) {
     }
 }
 static size_t lin_in(const dd_engine_config *c, int i) {
+    if (c->fused) {
+        switch (i) {
+        case DD_FLIN_O: return (size_t)c->n_heads * c->head_dim;
+        case DD_FLIN_DOWN: return (size_t)c->ffn_dim;
+        default: return (size_t)c->dim;
+        }
+    }
     switch (i) {
     case DD_LIN_O: return (size_t)c->n_heads * c->head_dim;
     case DD_LIN_DOWN: return (size_t)c->ffn_dim;
@@ -73,7 +93,7 @@ static dd_status config_check(const dd_engine_config *c) {
         c->max_prefill <= 0 || c->sliding_window < 0 || !(c->norm_eps > 0.f) ||
         c->n_heads % c->n_kv_heads || c->head_dim % 2 || c->dim % 16 || c->ffn_dim % 16 ||
         (c->n_heads * c->head_dim) % 16 || c->max_seq > (1 << 24) || c->max_prefill > c->max_seq ||
-        c->dim > 65536 || c->ffn_dim > (1 << 20) || c->vocab > (1 << 24))
+        c->dim > 65536 || c->ffn_dim > (1 << 20) || c->vocab > (1 << 24) || (c->fused & ~1))
         return DD_ERR_INVALID_ARGUMENT;
     if (c->head_dim != 64 && c->head_dim != 128) return DD_ERR_UNSUPPORTED;
     return DD_OK;
@@ -90,7 +110,7 @@ dd_status dd_cuda_engine_destroy(dd_cuda_engine *e) {
     ENG_FREE(e->d_kcache); ENG_FREE(e->d_vcache); ENG_FREE(e->d_h); ENG_FREE(e->d_xn);
     ENG_FREE(e->d_q); ENG_FREE(e->d_k); ENG_FREE(e->d_v); ENG_FREE(e->d_att); ENG_FREE(e->d_y);
     ENG_FREE(e->d_gate); ENG_FREE(e->d_up); ENG_FREE(e->d_act); ENG_FREE(e->d_wdeq);
-    ENG_FREE(e->d_logits); ENG_FREE(e->d_state); ENG_FREE(e->d_tokens); ENG_FREE(e->d_nll);
+    ENG_FREE(e->d_qkv); ENG_FREE(e->d_gu); ENG_FREE(e->d_logits); ENG_FREE(e->d_state); ENG_FREE(e->d_tokens); ENG_FREE(e->d_nll);
     ENG_FREE(e->d_kl); ENG_FREE(e->d_ref); ENG_FREE(e->d_sampling);
 #undef ENG_FREE
     if (e->ws) { st = dd_cuda_workspace_destroy(e->ws); if (first == DD_OK) first = st; }
@@ -114,14 +134,15 @@ dd_status dd_cuda_engine_create(const dd_engine_config *c, const uint16_t *h_emb
     if (!h_embed || !h_norms || !h_cos || !h_sin || !layers) return DD_ERR_INVALID_ARGUMENT;
     int device;
     DD_CK(cudaGetDevice(&device));
-    const int n_lin = c->n_layers * DD_LIN_PER_BLOCK;
+    const int per_block = dd_engine_layers_per_block(c);
+    const int n_lin = c->n_layers * per_block;
     int32_t max_in = 0, max_out = 0;
     size_t max_w = 0;
     for (int l = 0; l < n_lin; l++) {
         const dd_cuda_layer *L = layers[l];
         if (!L) return DD_ERR_INVALID_ARGUMENT;
         const dd_shape *s = dd_cuda_layer_shape(L);
-        const int i = l % DD_LIN_PER_BLOCK;
+        const int i = l % per_block;
         if ((size_t)s->d_in != lin_in(c, i) || (size_t)s->d_out != lin_out(c, i) ||
             dd_cuda_layer_device(L) != device)
             return DD_ERR_INVALID_ARGUMENT;
@@ -169,6 +190,10 @@ dd_status dd_cuda_engine_create(const dd_engine_config *c, const uint16_t *h_emb
     TRY_ALLOC(e->d_up, P * F * 2);
     TRY_ALLOC(e->d_act, P * F * 2);
     TRY_ALLOC(e->d_wdeq, max_w * 2);
+    if (c->fused) {
+        TRY_ALLOC(e->d_qkv, (QD + 2 * KD) * 2);
+        TRY_ALLOC(e->d_gu, 2 * F * 2);
+    }
     TRY_ALLOC(e->d_logits, V * 4);
     TRY_ALLOC(e->d_state, ST_WORDS * 4);
     TRY_ALLOC(e->d_tokens, (S + 1) * 4);
@@ -204,7 +229,7 @@ static void invalidate_graph(dd_cuda_engine *e) {
 
 dd_status dd_cuda_engine_set_runs(dd_cuda_engine *e, const int32_t *k_chunk, int32_t n_tb) {
     if (!e || !k_chunk) return DD_ERR_INVALID_ARGUMENT;
-    const int n_lin = e->c.n_layers * DD_LIN_PER_BLOCK;
+    const int n_lin = e->c.n_layers * dd_engine_layers_per_block(&e->c);
     dd_cuda_run *runs = (dd_cuda_run *)malloc(sizeof(*runs) * n_lin);
     if (!runs) return DD_ERR_OUT_OF_MEMORY;
     for (int l = 0; l < n_lin; l++) {
@@ -267,22 +292,40 @@ dd_status dd_cuda_engine_reset(dd_cuda_engine *e, const int32_t *h_tokens, int32
     return DD_OK;
 }
 
-/* One projection of block l: with compensation (DecLinear) for a decode row, dequantised +
- * tensor cores for prefill rows. */
-static dd_status linear(dd_cuda_engine *e, int l, int i, const uint16_t *x, uint16_t *y, int n_tok,
-                        int prefill) {
-    const int idx = l * DD_LIN_PER_BLOCK + i;
-    const dd_cuda_layer *L = e->layers[idx];
-    if (!prefill) return dd_cuda_layer_forward(L, &e->runs[idx], e->ws, x, y, n_tok, 0, e->stream);
+/* One projection (slot i of block l) for a decode row, with compensation (DecLinear). */
+static dd_status linear(dd_cuda_engine *e, int l, int i, const uint16_t *x, uint16_t *y, int n_tok) {
+    const int idx = l * dd_engine_layers_per_block(&e->c) + i;
+    return dd_cuda_layer_forward(e->layers[idx], &e->runs[idx], e->ws, x, y, n_tok, 0, e->stream);
+}
+
+/* The same projection for prefill rows, without compensation: dequantised once, then one tensor-
+ * core GEMM per part of its stacked output rows (n_parts 3 for q|k|v, 2 for gate|up, else 1), each
+ * into its own [n_tok, width] buffer. */
+static dd_status linear_prefill(dd_cuda_engine *e, int l, int i, const uint16_t *x, int n_tok,
+                                int n_parts, uint16_t *const *ys, const int32_t *widths) {
+    const dd_cuda_layer *L = e->layers[l * dd_engine_layers_per_block(&e->c) + i];
     const dd_shape *s = &L->shape;
     ENG_CK(dd_cuda_op_dequant(s, L->d_qweight, L->d_scales, L->d_zeros, e->d_wdeq, e->stream));
-    return dd_cuda_op_gemm_f16(x, e->d_wdeq, n_tok, s->d_out, s->d_in, 0, y, e->stream);
+    size_t row0 = 0;
+    for (int p = 0; p < n_parts; p++) {
+        ENG_CK(dd_cuda_op_gemm_f16(x, e->d_wdeq + row0 * s->d_in, n_tok, widths[p], s->d_in, 0, ys[p],
+                                   e->stream));
+        row0 += (size_t)widths[p];
+    }
+    return DD_OK;
+}
+
+/* one projection of block l into one output (slot i; prefill or decode) */
+static dd_status project1(dd_cuda_engine *e, int l, int i, const uint16_t *x, uint16_t *y, int32_t width,
+                          int n_tok, int prefill) {
+    return prefill ? linear_prefill(e, l, i, x, n_tok, 1, &y, &width) : linear(e, l, i, x, y, n_tok);
 }
 
 /* The launches of one step over n_tok rows at positions [pos, pos + n_tok). */
 static dd_status enqueue_rows(dd_cuda_engine *e, int n_tok, int prefill) {
     const dd_engine_config *c = &e->c;
     const size_t D = c->dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t QD = (size_t)c->n_heads * c->head_dim;
     const size_t layer_cache = KD * c->max_seq;
     const float scale = 1.f / sqrtf((float)c->head_dim);
     cudaStream_t s = e->stream;
@@ -293,20 +336,40 @@ static dd_status enqueue_rows(dd_cuda_engine *e, int n_tok, int prefill) {
         const float *ffn_norm = e->d_norms + (size_t)(2 * l + 1) * D;
         uint16_t *kc = e->d_kcache + (size_t)l * layer_cache, *vc = e->d_vcache + (size_t)l * layer_cache;
         ENG_CK(dd_cuda_op_add_rmsnorm(e->d_h, l ? e->d_y : NULL, attn_norm, c->norm_eps, c->dim, n_tok,
-                                     e->d_xn, s));
-        ENG_CK(linear(e, l, DD_LIN_Q, e->d_xn, e->d_q, n_tok, prefill));
-        ENG_CK(linear(e, l, DD_LIN_K, e->d_xn, e->d_k, n_tok, prefill));
-        ENG_CK(linear(e, l, DD_LIN_V, e->d_xn, e->d_v, n_tok, prefill));
-        ENG_CK(dd_cuda_op_rope_store_kv(e->d_q, e->d_k, e->d_v, e->d_cos, e->d_sin, d_pos, n_tok,
-                                       c->n_heads, c->n_kv_heads, c->head_dim, c->max_seq, kc, vc, s));
-        ENG_CK(dd_cuda_op_attention(e->d_q, kc, vc, d_pos, n_tok, c->n_heads, c->n_kv_heads,
-                                   c->head_dim, c->max_seq, scale, c->sliding_window, e->d_att, s));
-        ENG_CK(linear(e, l, DD_LIN_O, e->d_att, e->d_y, n_tok, prefill));
+                                      e->d_xn, s));
+        /* q, k, v: separate buffers, or (fused decode) the parts of one stacked output row */
+        uint16_t *q = e->d_q, *k = e->d_k, *v = e->d_v, *gate = e->d_gate, *up = e->d_up;
+        if (c->fused && !prefill) {
+            q = e->d_qkv; k = q + QD; v = k + KD;
+            gate = e->d_gu; up = gate + c->ffn_dim;
+            ENG_CK(linear(e, l, DD_FLIN_QKV, e->d_xn, e->d_qkv, n_tok));
+        } else if (c->fused) {
+            uint16_t *ys[3] = {q, k, v};
+            const int32_t w[3] = {(int32_t)QD, (int32_t)KD, (int32_t)KD};
+            ENG_CK(linear_prefill(e, l, DD_FLIN_QKV, e->d_xn, n_tok, 3, ys, w));
+        } else {
+            ENG_CK(project1(e, l, DD_LIN_Q, e->d_xn, q, (int32_t)QD, n_tok, prefill));
+            ENG_CK(project1(e, l, DD_LIN_K, e->d_xn, k, (int32_t)KD, n_tok, prefill));
+            ENG_CK(project1(e, l, DD_LIN_V, e->d_xn, v, (int32_t)KD, n_tok, prefill));
+        }
+        ENG_CK(dd_cuda_op_rope_store_kv(q, k, v, e->d_cos, e->d_sin, d_pos, n_tok, c->n_heads,
+                                        c->n_kv_heads, c->head_dim, c->max_seq, kc, vc, s));
+        ENG_CK(dd_cuda_op_attention(q, kc, vc, d_pos, n_tok, c->n_heads, c->n_kv_heads, c->head_dim,
+                                    c->max_seq, scale, c->sliding_window, e->d_att, s));
+        ENG_CK(project1(e, l, c->fused ? (int)DD_FLIN_O : (int)DD_LIN_O, e->d_att, e->d_y, c->dim, n_tok, prefill));
         ENG_CK(dd_cuda_op_add_rmsnorm(e->d_h, e->d_y, ffn_norm, c->norm_eps, c->dim, n_tok, e->d_xn, s));
-        ENG_CK(linear(e, l, DD_LIN_GATE, e->d_xn, e->d_gate, n_tok, prefill));
-        ENG_CK(linear(e, l, DD_LIN_UP, e->d_xn, e->d_up, n_tok, prefill));
-        ENG_CK(dd_cuda_op_swiglu(e->d_gate, e->d_up, c->ffn_dim, n_tok, e->d_act, s));
-        ENG_CK(linear(e, l, DD_LIN_DOWN, e->d_act, e->d_y, n_tok, prefill));
+        if (c->fused && !prefill) {
+            ENG_CK(linear(e, l, DD_FLIN_GATE_UP, e->d_xn, e->d_gu, n_tok));
+        } else if (c->fused) {
+            uint16_t *ys[2] = {gate, up};
+            const int32_t w[2] = {c->ffn_dim, c->ffn_dim};
+            ENG_CK(linear_prefill(e, l, DD_FLIN_GATE_UP, e->d_xn, n_tok, 2, ys, w));
+        } else {
+            ENG_CK(project1(e, l, DD_LIN_GATE, e->d_xn, gate, c->ffn_dim, n_tok, prefill));
+            ENG_CK(project1(e, l, DD_LIN_UP, e->d_xn, up, c->ffn_dim, n_tok, prefill));
+        }
+        ENG_CK(dd_cuda_op_swiglu(gate, up, c->ffn_dim, n_tok, e->d_act, s));
+        ENG_CK(project1(e, l, c->fused ? (int)DD_FLIN_DOWN : (int)DD_LIN_DOWN, e->d_act, e->d_y, c->dim, n_tok, prefill));
     }
     ENG_CK(dd_cuda_op_add_rmsnorm(e->d_h, e->d_y, e->d_norms + (size_t)(2 * c->n_layers) * D,
                                  c->norm_eps, c->dim, n_tok, e->d_xn, s));

@@ -34,9 +34,14 @@
 extern "C" {
 #endif
 
-/* The projections of one block, in the order the engine takes them. */
+/* The projections of one block, in the order the engine takes them: seven separate layers, or
+ * (config.fused) four, with q/k/v and gate/up each one layer of stacked output rows.  Fusing is
+ * exact for DecDEC: the parts share their input, hence their thresholds (the same calibration
+ * statistics) and the selection; every output row keeps its own residual scale.  One larger GEMV
+ * then hides one DEC instead of three small ones each paying DEC's fixed latency. */
 enum { DD_LIN_Q = 0, DD_LIN_K, DD_LIN_V, DD_LIN_O, DD_LIN_GATE, DD_LIN_UP, DD_LIN_DOWN,
        DD_LIN_PER_BLOCK };
+enum { DD_FLIN_QKV = 0, DD_FLIN_O, DD_FLIN_GATE_UP, DD_FLIN_DOWN, DD_FLIN_PER_BLOCK };
 
 typedef struct {
     int32_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
@@ -44,14 +49,17 @@ typedef struct {
     int32_t max_seq;        /* KV-cache positions (tokens holds max_seq + 1) */
     int32_t max_prefill;    /* rows one prefill call processes (activations are sized for it) */
     int32_t sliding_window; /* 0 = none */
+    int32_t fused;          /* 1: DD_FLIN_* layers (q|k|v and gate|up stacked), 0: DD_LIN_* */
 } dd_engine_config;
+/* projections per block of a config (DD_LIN_PER_BLOCK or DD_FLIN_PER_BLOCK) */
+int dd_engine_layers_per_block(const dd_engine_config *c);
 
 typedef struct dd_cuda_engine dd_cuda_engine;
 
 /* h_embed fp16 [vocab, dim]; h_head fp16 [vocab, dim] or NULL (tied: the embeddings);
  * h_norms fp32 [2 * n_layers + 1, dim] (attn_norm, ffn_norm per block, then the final norm);
- * h_cos / h_sin fp32 [max_seq, head_dim / 2]; layers [n_layers * DD_LIN_PER_BLOCK] in DD_LIN_*
- * order, each of the shape the config implies, all on the current device.  Every layer starts
+ * h_cos / h_sin fp32 [max_seq, head_dim / 2]; layers [n_layers * dd_engine_layers_per_block] in
+ * DD_LIN_* (or DD_FLIN_*) order, each of the shape the config implies, all on the current device.  Every layer starts
  * with compensation off (k_chunk 0, the device's default n_tb).  Synchronous. */
 dd_status dd_cuda_engine_create(const dd_engine_config *c, const uint16_t *h_embed,
                                 const uint16_t *h_head, const float *h_norms, const float *h_cos,
@@ -59,7 +67,7 @@ dd_status dd_cuda_engine_create(const dd_engine_config *c, const uint16_t *h_emb
                                 dd_cuda_engine **out);
 dd_status dd_cuda_engine_destroy(dd_cuda_engine *e);
 
-/* Run settings of every projection: k_chunk[n_layers * DD_LIN_PER_BLOCK], one n_tb.  Validated
+/* Run settings of every projection: k_chunk[n_layers * layers per block], one n_tb.  Validated
  * all first (nothing changes on error); the graph is captured again at the next decode. */
 dd_status dd_cuda_engine_set_runs(dd_cuda_engine *e, const int32_t *k_chunk, int32_t n_tb);
 dd_status dd_cuda_engine_set_sampling(dd_cuda_engine *e, float temperature, float top_p,

@@ -13,6 +13,9 @@
  *     launch (dd_cuda_last_error names it).
  *   - Positions beyond max_seq are the caller's bug: the engine checks pos + n_tok <= max_seq on
  *     the host before every replay; kernels clamp rather than write out of bounds.
+ *   - Pointers read or written with 16-byte vectors (gemv W and x, gemm X, W and Y, the attention
+ *     caches, the packed weight of dequant) must be 16-byte aligned (cudaMalloc memory and row
+ *     offsets of the stated size multiples are): DD_ERR_INVALID_ARGUMENT otherwise.
  * CPU twin: decdec/model.py (LlamaModel.forward) is the reference of every op.
  */
 #ifndef DD_CUDA_OPS_H
@@ -35,14 +38,15 @@ dd_status dd_cuda_op_embed(const uint16_t *d_table, int32_t vocab, int32_t dim,
 
 /* When d_y != NULL: h[t] += fp32(y[t]) (the residual add of the previous projection).
  * Then out[t] = fp16(h[t] / sqrt(mean(h[t]^2) + eps) * w), w fp32 [dim].  d_out may be NULL
- * (add only). */
+ * (add only; d_w is then not read).  eps: finite, >= 0. */
 dd_status dd_cuda_op_add_rmsnorm(float *d_h, const uint16_t *d_y, const float *d_w, float eps,
                                  int32_t dim, int32_t n_tok, uint16_t *d_out, void *stream);
 
 /* Rotate-half RoPE on q in place ([n_tok, n_heads*head_dim] fp16) and on k, then store k and v
  * ([n_tok, n_kv*head_dim] fp16) into the layer's caches at positions *d_pos + t.
  * Caches: fp16 [n_kv, max_seq, head_dim].  cos/sin: fp32 [max_seq, head_dim/2] (angles computed
- * in float64 on the host, as model.py does).  Rotation arithmetic in fp32. */
+ * in float64 on the host, as model.py does).  Rotation arithmetic in fp32.  head_dim even.
+ * A position outside [0, max_seq) stores nothing (q is rotated with the clamped row). */
 dd_status dd_cuda_op_rope_store_kv(uint16_t *d_q, const uint16_t *d_k, const uint16_t *d_v,
                                    const float *d_cos, const float *d_sin, const int32_t *d_pos,
                                    int32_t n_tok, int32_t n_heads, int32_t n_kv, int32_t head_dim,
@@ -52,7 +56,8 @@ dd_status dd_cuda_op_rope_store_kv(uint16_t *d_q, const uint16_t *d_k, const uin
 /* Causal grouped-query attention over the cache: query row t (position p = *d_pos + t) of head
  * h attends to keys j in [max(0, p - window + 1), p] of kv head h / (n_heads / n_kv)
  * (window 0 = unlimited).  scores in fp32, softmax in fp32, out fp16 [n_tok, n_heads*head_dim].
- * head_dim: 64, 128 (others DD_ERR_UNSUPPORTED).  Any length up to max_seq. */
+ * head_dim: 64, 128 (others DD_ERR_UNSUPPORTED).  Any length up to max_seq.  Only keys in the
+ * visible span are read.  A row with no visible key (p < 0) gets zeros. */
 dd_status dd_cuda_op_attention(const uint16_t *d_q, const uint16_t *d_kcache,
                                const uint16_t *d_vcache, const int32_t *d_pos, int32_t n_tok,
                                int32_t n_heads, int32_t n_kv, int32_t head_dim, int32_t max_seq,
@@ -93,14 +98,18 @@ typedef struct {
  *   if d_ref_logp and p >= *d_ref_start and p - *d_ref_start < ref_rows:
  *        kl[p] = sum_v exp(r_v) (r_v - logp_v) with r = ref_logp[p - *d_ref_start] (fp32 [vocab],
  *        log-probabilities of the reference model at that position), logp = log_softmax(logits).
- * One block per call, deterministic.  The RNG draw depends only on (seed, p). */
+ * One block per call, deterministic.  The RNG draw depends only on (seed, p).
+ * Details: temperature <= 0 (or top_p <= 0) is greedy; top_p >= 1 samples the whole distribution;
+ * tokens tied with the nucleus' smallest probability are all in it.  NaN logits are never drawn
+ * nor the argmax (all NaN: token 0); a NaN or +Inf logit makes nll / kl NaN; a -Inf logit is a
+ * token of probability 0; a reference -Inf log-probability contributes 0 to kl (0 log 0). */
 dd_status dd_cuda_op_sample_score(const float *d_logits, int32_t vocab,
                                   const dd_cuda_sampling *d_params, const int32_t *d_pos,
                                   const int32_t *d_n_fixed, int32_t *d_tokens, float *d_nll,
                                   const float *d_ref_logp, const int32_t *d_ref_start,
                                   int32_t ref_rows, float *d_kl, void *stream);
 
-/* *d_pos += n (the last node of a captured step). */
+/* *d_pos += n (the last node of a captured step).  n >= 0. */
 dd_status dd_cuda_op_advance(int32_t *d_pos, int32_t n, void *stream);
 
 #ifdef __cplusplus

@@ -121,7 +121,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
         config_int(cfg, "vocab", 1, 1, 1 << 24, &c.vocab) < 0 ||
         config_int(cfg, "max_seq", 1, 1, 1 << 24, &c.max_seq) < 0 ||
         config_int(cfg, "max_prefill", 1, 1, 1 << 24, &c.max_prefill) < 0 ||
-        config_int(cfg, "sliding_window", 0, 0, 1 << 30, &c.sliding_window) < 0)
+        config_int(cfg, "sliding_window", 0, 0, 1 << 30, &c.sliding_window) < 0 ||
+        config_int(cfg, "fused", 0, 0, 1, &c.fused) < 0)
         return -1;
     PyObject *eps_o = PyMapping_GetItemString(cfg, "norm_eps");
     if (!eps_o) {
@@ -157,10 +158,11 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
     if (!(cosa = array_of(cos_o, "cos", NPY_FLOAT32, 2, s_rope))) goto done;
     if (!(sina = array_of(sin_o, "sin", NPY_FLOAT32, 2, s_rope))) goto done;
     if (!(seq = PySequence_Fast(layers_o, "layers must be a sequence of CUDA DecLinear objects"))) goto done;
-    const Py_ssize_t n_lin = (Py_ssize_t)c.n_layers * DD_LIN_PER_BLOCK;
+    const Py_ssize_t n_lin = (Py_ssize_t)c.n_layers * dd_engine_layers_per_block(&c);
     if (PySequence_Fast_GET_SIZE(seq) != n_lin) {
-        PyErr_Format(PyExc_ValueError, "layers: %zd DecLinear objects given, the config needs n_layers x 7 = %zd "
-                     "(q, k, v, o, gate, up, down per block)", PySequence_Fast_GET_SIZE(seq), n_lin);
+        PyErr_Format(PyExc_ValueError, "layers: %zd DecLinear objects given, the config needs n_layers x %d = %zd "
+                     "(%s per block)", PySequence_Fast_GET_SIZE(seq), dd_engine_layers_per_block(&c), n_lin,
+                     c.fused ? "q|k|v, o, gate|up, down" : "q, k, v, o, gate, up, down");
         goto done;
     }
     if (!(weights = PyTuple_New(n_lin))) goto done;
@@ -202,10 +204,11 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
     if (st != DD_OK) {
         if (st == DD_ERR_INVALID_ARGUMENT)
             PyErr_Format(PyExc_ValueError, "Engine: the layers' shapes do not match the config (q %d x %d, "
-                         "k/v %d x %d, o %d x %d, gate/up %d x %d, down %d x %d expected, out x in) or the "
+                         "k/v %d x %d, o %d x %d, gate/up %d x %d, down %d x %d expected, out x in%s) or the "
                          "config is out of range (dim, ffn_dim and n_heads*head_dim multiples of 16)",
                          c.n_heads * c.head_dim, c.dim, c.n_kv_heads * c.head_dim, c.dim, c.dim,
-                         c.n_heads * c.head_dim, c.ffn_dim, c.dim, c.dim, c.ffn_dim);
+                         c.n_heads * c.head_dim, c.ffn_dim, c.dim, c.dim, c.ffn_dim,
+                         c.fused ? "; fused: q|k|v and gate|up stacked" : "");
         else if (st == DD_ERR_UNSUPPORTED)
             PyErr_Format(PyExc_ValueError, "Engine: head_dim %d is not supported (64 or 128)", c.head_dim);
         else
@@ -241,7 +244,7 @@ static PyObject *Engine_set_runs(EngineObject *self, PyObject *args, PyObject *k
     PyObject *k_o, *n_tb_o;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:set_runs", kwlist, &k_o, &n_tb_o)) return NULL;
     if (!self->engine) { PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); return NULL; }
-    const Py_ssize_t n_lin = (Py_ssize_t)self->config.n_layers * DD_LIN_PER_BLOCK;
+    const Py_ssize_t n_lin = (Py_ssize_t)self->config.n_layers * dd_engine_layers_per_block(&self->config);
     PyObject *seq = PySequence_Fast(k_o, "k_chunk must be a sequence of ints (one per projection)");
     if (!seq) return NULL;
     if (PySequence_Fast_GET_SIZE(seq) != n_lin) {
@@ -448,15 +451,16 @@ static PyObject *Engine_get_nbytes(EngineObject *self, void *c) {
 static PyObject *Engine_get_config(EngineObject *self, void *c) {
     (void)c;
     const dd_engine_config *g = &self->config;
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i}", "dim", g->dim, "n_layers", g->n_layers,
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,s:i}", "dim", g->dim, "n_layers", g->n_layers,
                          "n_heads", g->n_heads, "n_kv_heads", g->n_kv_heads, "head_dim", g->head_dim, "ffn_dim",
                          g->ffn_dim, "vocab", g->vocab, "norm_eps", (double)g->norm_eps, "max_seq", g->max_seq,
-                         "max_prefill", g->max_prefill, "sliding_window", g->sliding_window);
+                         "max_prefill", g->max_prefill, "sliding_window", g->sliding_window, "fused", g->fused);
 }
 
 static PyMethodDef Engine_methods[] = {
     {"set_runs", (PyCFunction)(void (*)(void))Engine_set_runs, METH_VARARGS | METH_KEYWORDS,
-     "set_runs(k_chunk, n_tb): k_chunk per projection (n_layers x 7, q k v o gate up down), one n_tb; "
+     "set_runs(k_chunk, n_tb): k_chunk per projection (n_layers x 7: q k v o gate up down, or fused x 4: "
+     "qkv o gate_up down), one n_tb; "
      "the decode graph is captured again at the next decode"},
     {"set_sampling", (PyCFunction)(void (*)(void))Engine_set_sampling, METH_VARARGS | METH_KEYWORDS,
      "set_sampling(temperature=0, top_p=1, seed=0): 0 = greedy"},
