@@ -136,7 +136,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
     Py_DECREF(eps_o);
     if (eps == -1.0 && PyErr_Occurred()) return -1;
     if (!(eps > 0) || !isfinite(eps)) {
-        PyErr_Format(PyExc_ValueError, "Engine config: norm_eps must be a positive number, got %g", eps);
+        /* PyErr_Format has no %g: format the number first */
+        char num[48];
+        snprintf(num, sizeof num, "%g", eps);
+        PyErr_Format(PyExc_ValueError, "Engine config: norm_eps must be a positive number, got %s", num);
         return -1;
     }
     c.norm_eps = (float)eps;
@@ -278,8 +281,10 @@ static PyObject *Engine_set_sampling(EngineObject *self, PyObject *args, PyObjec
     unsigned long long seed = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|ddK:set_sampling", kwlist, &t, &p, &seed)) return NULL;
     if (!(t >= 0) || !isfinite(t) || !(p > 0 && p <= 1)) {
+        char num[96]; /* PyErr_Format has no %g */
+        snprintf(num, sizeof num, "%g, %g", t, p);
         PyErr_Format(PyExc_ValueError, "set_sampling: temperature must be >= 0 and finite (0 = greedy), top_p in "
-                     "(0, 1]; got %g, %g", t, p);
+                     "(0, 1]; got %s", num);
         return NULL;
     }
     if (engine_enter(self) < 0) return NULL;
