@@ -343,7 +343,12 @@ def main(argv=None) -> int:
         return cmd_bench(argv[1:])
     if argv and argv[0] == "tune":
         from . import tune
-        return int(tune.main(argv[1:]) or 0)
+        from .engine import EngineUnavailable
+        try:
+            return int(tune.main(argv[1:]) or 0)
+        except EngineUnavailable as e:
+            print(f"decdec: error: tune --engine: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     from .engine import EngineUnavailable
     try:

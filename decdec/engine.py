@@ -404,3 +404,57 @@ def tune(eng: GpuEngine, target: float, mode: str = "latency", kl_ids=None, ref_
         raise ValueError(f"mode must be 'latency' or 'quality', got {mode!r}")
     eng.set_config(r.config)
     return r
+
+
+def reference_top(reference_weights, ids, top: int = 1024):
+    """(top indices, top log-probabilities) [len(ids) - 1, top] of a float model (decdec.model
+    LlamaModel on the CPU) on ids: the quality-aware tuner's reference (coarse_kl)."""
+    from .evaluate import log_softmax
+    from .model import LlamaModel
+    lp = log_softmax(LlamaModel(reference_weights).forward(np.asarray(ids)))[:-1]
+    idx = np.argsort(-lp, axis=-1)[:, :top]
+    return idx.astype(np.int32), np.take_along_axis(lp, idx, -1).astype(np.float32)
+
+
+def tune_main(argv=None) -> int:
+    """`python -m decdec tune --engine --artifact DIR`: the end-to-end tuner on the GPU engine's
+    decode graph; writes <artifact>/tuned-<target>pct.json for `eval / generate --device cuda
+    --tuned <target>`."""
+    import argparse
+    from . import artifacts, data
+    from . import engine_tune as T
+    p = argparse.ArgumentParser(prog="python -m decdec tune --engine", description=tune_main.__doc__.splitlines()[0])
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--targets", type=float, nargs="+", default=[0.025, 0.05, 0.10],
+                   help="slowdown bounds (default 0.025 0.05 0.10)")
+    p.add_argument("--mode", choices=("latency", "quality"), default="latency",
+                   help="latency: the paper's (default); quality: KL per microsecond (needs --reference)")
+    p.add_argument("--reference", default=None, help="float model for --mode quality: 'smollm2', GGUF or HF dir")
+    p.add_argument("--calib-text", default="emma", help="text of the quality mode's KL (default emma)")
+    p.add_argument("--kl-tokens", type=int, default=128, help="positions of the quality mode's KL (default 128)")
+    p.add_argument("--pos", type=int, default=256, help="context position of the timed steps (default 256)")
+    p.add_argument("--max-seconds", type=float, default=120, help="search time per target (default 120)")
+    args = p.parse_args(argv)
+    _need_engine()
+    if args.mode == "quality" and not args.reference:
+        p.error("--mode quality needs --reference (the float model the KL is measured against)")
+    qm = artifacts.load(args.artifact)
+    eng = GpuEngine(qm, max_seq=max(args.pos + 64, args.kl_tokens + 2))
+    kl_ids = ref_top = None
+    if args.mode == "quality":
+        from .cli import _load_source, _read_text
+        ref_w, tok = _load_source(args.reference)
+        kl_ids = np.concatenate([[qm.config.bos_id], tok.encode(_read_text(args.calib_text))[:args.kl_tokens]])
+        ref_top = reference_top(ref_w, kl_ids)
+    from . import _C
+    meta0 = {"artifact_sha256": T.artifact_checksum(args.artifact), "gpu": _C._cuda_device_name(0)}
+    base = None
+    for target in args.targets:
+        r = tune(eng, target, args.mode, kl_ids=kl_ids, ref_top=ref_top, pos=args.pos,
+                 max_seconds=args.max_seconds, base_us=base)
+        base = r.base_us
+        path = T.save_config(T.tuned_config_path(args.artifact, target), r.config,
+                             {**meta0, "target": target, "mode": args.mode, "base_us": r.base_us,
+                              "tuned_us": r.tuned_us, "slowdown": r.slowdown})
+        print(f"{r.summary()}\n  -> {path}")
+    return 0

@@ -13,6 +13,7 @@ It budgets linear-layer time only, so an end-to-end slowdown lands under the tar
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -189,7 +190,13 @@ class GpuMeasure:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--engine" in argv:
+        from .engine import tune_main
+        return tune_main([a for a in argv if a != "--engine"])
     p = argparse.ArgumentParser(prog="python -m decdec tune",
+                                epilog="--engine --artifact DIR: tune the whole decode step of the GPU engine "
+                                       "instead (python -m decdec tune --engine --help)",
                                 description="pick n_tb and per-module k_chunk under a slowdown bound (GPU)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     p.add_argument("--bits", type=int, choices=(3, 4), default=3)

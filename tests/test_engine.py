@@ -258,3 +258,59 @@ def test_cli_device_cuda_without_gpu_is_a_clear_error(qm, tmp_path, capsys):
                  ["generate", "hi", "--artifact", str(art), "--device", "cuda"]):
         assert cli.main(argv) == 2
         assert "--device cuda" in capsys.readouterr().err
+
+
+def test_tune_engine_cli_without_gpu_is_a_clear_error(qm, tmp_path, capsys):
+    if HAVE_GPU:
+        pytest.skip("a GPU is present")
+    from decdec import artifacts, cli
+    art = artifacts.save(qm, tmp_path / "art2")
+    assert cli.main(["tune", "--engine", "--artifact", str(art)]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_cli_cuda_paths_with_a_stand_in_engine(qm, tmp_path, monkeypatch, capsys):
+    # the CLI's --device cuda plumbing (artifact, protocol, --tuned file, chat/raw prompt, output)
+    # against a stand-in engine, so it is checked on machines without a GPU too
+    from decdec import artifacts, cli, engine, engine_tune
+    from tiny_llama import byte_tokenizer
+    calls = []
+
+    class FakeEngine:
+        def __init__(self, qm_, max_seq=2048, **kw):
+            calls.append(("init", max_seq))
+
+        def set_k_chunk(self, k):
+            calls.append(("k", k))
+
+        def set_config(self, cfg):
+            calls.append(("config", cfg))
+
+        def perplexity(self, tokens, protocol, bos_id=None):
+            calls.append(("ppl", protocol.context, len(tokens)))
+            return {"perplexity": 12.5, "n_tokens": 15, "per_window": [12.5], "seconds": 0.1}
+
+        def generate(self, ids, n, temperature=0.0, top_p=1.0, seed=0):
+            calls.append(("gen", len(ids), n, temperature))
+            return engine.DecodeResult(np.array([72, 105, 257]), len(ids), 0.01, 0.02, n)
+
+    monkeypatch.setattr(engine, "GpuEngine", FakeEngine)
+    monkeypatch.setattr(engine, "_need_engine", lambda: None)
+    qm.tokenizer = byte_tokenizer()
+    art = artifacts.save(qm, tmp_path / "art3")
+    (tmp_path / "t.txt").write_text("hello world " * 20)
+    assert cli.main(["eval", str(tmp_path / "t.txt"), "--artifact", str(art), "--device", "cuda",
+                     "--tokens", "30", "--context", "16", "--k-chunk", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "k_chunk 0" in out and "k_chunk 8" in out and "perplexity    12.500" in out
+    assert ("k", 8) in calls and ("ppl", 16, 240) in calls
+    cfg = engine_tune.EngineConfig(4, {"qkv": 0, "o": 2, "gate_up": 4, "down": 8})
+    engine_tune.save_config(engine_tune.tuned_config_path(art, 0.025), cfg, {})
+    assert cli.main(["eval", str(tmp_path / "t.txt"), "--artifact", str(art), "--device", "cuda",
+                     "--tokens", "30", "--context", "16", "--tuned", "0.025"]) == 0
+    assert ("config", cfg) in calls and "tuned tuned-2.5pct.json" in capsys.readouterr().out
+    assert cli.main(["generate", "hi", "--artifact", str(art), "--device", "cuda", "--raw",
+                     "--greedy", "--max-new-tokens", "3"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == "Hi"            # stops at EOS (257), bytes 72 105 decoded
+    assert ("gen", 2, 3, 0.0) in calls and "stopped by eos" in cap.err
