@@ -433,8 +433,11 @@ def test_quality_lookahead_jumps_over_a_fixed_cost():
     # 0.01 / 20.5 until down sits at 8 (1012 us), where qkv's 20.5 us no longer fit.  With
     # jumps: qkv 0->8 gains 0.5 for 24 us (0.021 per us, 0->4 only 0.2 / 22), then down's
     # first rung (1025.5 us) does not fit.
-    plain = E.tune_quality(measure, kl, (8,), 0.025, k_steps=steps, start="zero", lookahead=1)
-    jump = E.tune_quality(measure, kl, (8,), 0.025, k_steps=steps, start="zero", lookahead=4)
+    # the walks themselves (compare_latency=False: no fallback to the latency tuner's choice)
+    plain = E.tune_quality(measure, kl, (8,), 0.025, k_steps=steps, start="zero", lookahead=1,
+                           compare_latency=False)
+    jump = E.tune_quality(measure, kl, (8,), 0.025, k_steps=steps, start="zero", lookahead=4,
+                          compare_latency=False)
     assert plain.config == cfg(8, 0, 0, 0, 8) and plain.kl == pytest.approx(0.992)
     assert jump.config == cfg(8, 8, 0, 0, 0) and jump.kl == pytest.approx(0.5)
 
@@ -539,3 +542,33 @@ def test_load_checks_meta_and_gpu_limits(tmp_path):
         E.load_config(p, n_sm=16)
     with pytest.raises(FileNotFoundError):
         E.load_config(tmp_path / "absent.json")
+
+
+def test_quality_mode_never_loses_to_latency_mode_on_kl():
+    """compare_latency: the quality tuner returns the lower-KL of its own walk and the latency
+    tuner's verified choice, so on its objective it is never worse than the paper's tuner; with
+    the plain one-rung walk of test_quality_lookahead_jumps_over_a_fixed_cost it takes the latency
+    choice when that is better, and keeps its walk otherwise."""
+    def measure(c):
+        q = c.k_chunk["qkv"]
+        return 1000.0 + (20.0 + 0.5 * q if q else 0.0) + 1.5 * c.k_chunk["down"]
+
+    def kl(c):
+        return 1.0 - {0: 0.0, 1: 0.01, 2: 0.05, 4: 0.2, 8: 0.5}[c.k_chunk["qkv"]] \
+            - 0.001 * c.k_chunk["down"] - 0.0001 * (c.k_chunk["o"] + c.k_chunk["gate_up"])
+    steps = (0, 1, 2, 4, 8)
+    lat = E.tune_latency(measure, (8,), 0.025, k_steps=steps)
+    for lookahead in (1, 4):
+        walk = E.tune_quality(measure, kl, (8,), 0.025, k_steps=steps, start="zero",
+                              lookahead=lookahead, compare_latency=False)
+        q = E.tune_quality(measure, kl, (8,), 0.025, k_steps=steps, start="zero", lookahead=lookahead)
+        assert q.kl == pytest.approx(min(walk.kl, kl(lat.config)))
+        assert q.kl <= kl(lat.config) + 1e-12 and q.slowdown <= 0.025
+        assert q.trace[-1]["phase"] == "compare"
+    for latency_us, weight in ((1.0, None), (4.0, {"qkv": 3.0, "o": 0.5, "gate_up": 1.0, "down": 2.0}),
+                               (7.0, {"qkv": 0.2, "o": 4.0, "gate_up": 1.0, "down": 0.5})):
+        eng = E.SimulatedEngine(dec_latency_us=latency_us, kl_weight=weight)
+        for target in (0.025, 0.10):
+            r = E.tune_latency(eng.measure, (8, 16), target)
+            q = E.tune_quality(eng.measure, eng.kl, (8, 16), target)
+            assert q.kl <= eng.kl(r.config) + 1e-12
