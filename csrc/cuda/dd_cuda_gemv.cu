@@ -16,6 +16,7 @@
  *   4-bit path.
  */
 #include <math.h>
+#include <string.h>
 
 #include <algorithm>
 
@@ -922,12 +923,20 @@ gemv_k1_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ s
 }
 static_assert(kK1Rows == 2, "the ksplit == 1 store picks acc[0] / acc[R - 1]");
 
-/* Plans and launches kernel 1; *launched = false (and DD_OK) when it does not apply (pointers
- * not 16/4-byte aligned, shared memory beyond the device limit): the caller runs kernel 0. */
-dd_status gemv_k1_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
-                         const uint16_t *d_zeros, const uint16_t *d_x, uint16_t *d_y, int accumulate,
-                         int n_sm_free, const dd_cuda_variant *v, cudaStream_t stream, bool *launched) {
-    *launched = false;
+/* Kernel 1's plan for one call: applies = false when it does not (pointers not 16/4-byte aligned,
+ * shared memory beyond the device limit, no resident block): the caller runs kernel 0. */
+struct K1Plan {
+    bool applies;
+    int ksplit, per_sm;
+    long blocks, tiles;
+    size_t smem;
+    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int, int,
+                   int, int, int, int);
+};
+
+dd_status plan_k1(const dd_shape *s, const void *d_qweight, const void *d_scales, const void *d_zeros,
+                  int n_sm_free, const dd_cuda_variant *v, K1Plan *P) {
+    memset(P, 0, sizeof *P);
     if ((((uintptr_t)d_qweight) & 15) || (((uintptr_t)d_scales) & 3) || (((uintptr_t)d_zeros) & 3))
         return DD_OK;
     int n_sm = 0, smem_optin = 0;
@@ -935,30 +944,40 @@ dd_status gemv_k1_launch(const dd_shape *s, const uint8_t *d_qweight, const uint
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     const int d_in_pad = dd_d_in_pad(s);
-    const size_t smem = k1_smem_bytes(s->bits, d_in_pad);
-    if (smem > (size_t)smem_optin) return DD_OK;
-    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int, int,
-                   int, int, int, int) = s->bits == 4 ? gemv_k1_kernel<4> : gemv_k1_kernel<3>;
-    if (smem > 48 * 1024)
-        DD_CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    int per_sm = 0;
-    DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    if (per_sm < 1) return DD_OK;
-    const long slots = (long)n_sm_free * per_sm;
+    P->smem = k1_smem_bytes(s->bits, d_in_pad);
+    if (P->smem > (size_t)smem_optin) return DD_OK;
+    P->kernel = s->bits == 4 ? gemv_k1_kernel<4> : gemv_k1_kernel<3>;
+    if (P->smem > 48 * 1024)
+        DD_CK(cudaFuncSetAttribute(P->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)P->smem));
+    DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&P->per_sm, P->kernel, kThreads, P->smem));
+    if (P->per_sm < 1) return DD_OK;
+    const long slots = (long)n_sm_free * P->per_sm;
     /* k-split rule: the smallest split (1, 2, 4, 8) that gives every resident block slot a tile */
-    int ksplit = v && (v->base_ksplit == 1 || v->base_ksplit == 2 || v->base_ksplit == 4 || v->base_ksplit == 8)
-                     ? v->base_ksplit : 0;
+    const int vk = v ? v->base_ksplit : 0;
+    int ksplit = vk == 1 || vk == 2 || vk == 4 || vk == 8 ? vk : 0;
     if (!ksplit) {
         ksplit = 8;
         for (int k = 1; k <= 8; k *= 2)
             if ((long)s->d_out / ((kWarps / k) * kK1Rows) >= slots) { ksplit = k; break; }
     }
-    const long tiles = (long)s->d_out / ((kWarps / ksplit) * kK1Rows);
-    const long blocks = std::min(tiles, slots);
-    kernel<<<(unsigned)blocks, kThreads, smem, stream>>>(
+    P->ksplit = ksplit;
+    P->tiles = (long)s->d_out / ((kWarps / ksplit) * kK1Rows);
+    P->blocks = std::min(P->tiles, slots);
+    P->applies = true;
+    return DD_OK;
+}
+
+dd_status gemv_k1_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
+                         const uint16_t *d_zeros, const uint16_t *d_x, uint16_t *d_y, int accumulate,
+                         int n_sm_free, const dd_cuda_variant *v, cudaStream_t stream, bool *launched) {
+    *launched = false;
+    K1Plan P;
+    dd_status st = plan_k1(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P);
+    if (st != DD_OK || !P.applies) return st;
+    P.kernel<<<(unsigned)P.blocks, kThreads, P.smem, stream>>>(
         d_qweight, reinterpret_cast<const __half *>(d_scales), reinterpret_cast<const __half *>(d_zeros),
-        reinterpret_cast<const __half *>(d_x), reinterpret_cast<__half *>(d_y), s->d_in, d_in_pad, s->d_out,
-        s->group_size, accumulate, ksplit);
+        reinterpret_cast<const __half *>(d_x), reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s),
+        s->d_out, s->group_size, accumulate, P.ksplit);
     DD_CK_LAUNCH("gemv_k1_kernel");
     *launched = true;
     return DD_OK;
@@ -992,6 +1011,21 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
         reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s), s->d_out, s->group_size, accumulate,
         P.lanes, none);
     DD_CK_LAUNCH("gemv_base_kernel");
+    return DD_OK;
+}
+
+dd_status dd_cuda_gemv_k1_info(const dd_shape *s, const void *d_qweight, const void *d_scales,
+                               const void *d_zeros, int n_sm_free, const dd_cuda_variant *v, int *ksplit,
+                               long *blocks, long *tiles, size_t *smem, int *per_sm) {
+    dd_status st = dd_shape_check(s);
+    if (st != DD_OK) return st;
+    K1Plan P;
+    if ((st = plan_k1(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P)) != DD_OK) return st;
+    *ksplit = P.applies ? P.ksplit : 0;
+    *blocks = P.blocks;
+    *tiles = P.tiles;
+    *smem = P.smem;
+    *per_sm = P.per_sm;
     return DD_OK;
 }
 
