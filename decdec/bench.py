@@ -116,6 +116,7 @@ def bench_kernels(args) -> list[dict]:
     records = [meta]
     print(f"# {device}  {meta['date']}  commit {meta['commit']}  HBM read {hbm:.0f} GB/s, "
           f"zero-copy {zc:.1f} GB/s, H2D {h2d:.1f} GB/s")
+    base_kernel, base_ksplit = getattr(args, "base_kernel", 0), getattr(args, "base_ksplit", 0)
     shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
     k_chunks = [0, 8, 16] if args.quick else K_CHUNKS
     for d_in, d_out, what in shapes:
@@ -139,7 +140,19 @@ def bench_kernels(args) -> list[dict]:
             for key in ("note", "fp16_error", "int4_error"):
                 if key in peers:
                     rec[key] = peers[key]
+            if base_kernel:
+                # the measurement variant beside the production kernel, same session and weights
+                var = {"base_kernel": base_kernel, "base_ksplit": base_ksplit}
+                t_var = _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, it, args.reps, variant=var)
+                rec.update({"base_kernel": base_kernel, "base_ksplit": base_ksplit,
+                            "us_variant": t_var, "variant_fraction_of_read": t_read / t_var,
+                            "variant_pct_hbm": 100 * nbytes / t_var / 1e3 / hbm,
+                            "variant_speedup": t_base / t_var})
             records.append(rec)
+            if base_kernel:
+                print(f"{d_in:>6}->{d_out:<6} {bits}b base kernel {base_kernel} (ksplit {base_ksplit or 'rule'}) "
+                      f"{rec['us_variant']:8.2f} us ({100 * rec['variant_fraction_of_read']:5.1f}% of read, "
+                      f"{rec['variant_pct_hbm']:5.1f}% HBM, x{rec['variant_speedup']:.2f} vs production)", flush=True)
             print(f"{d_in:>6}->{d_out:<6} {bits}b base {t_base:8.2f} us  read {t_read:7.2f} us "
                   f"({100 * t_read / t_base:5.1f}% of read, {rec['pct_hbm']:5.1f}% HBM)"
                   + (f"  fp16 {peers['us_fp16']:.2f} us (x{rec['speedup_over_fp16']:.2f})" if "us_fp16" in peers else "")
@@ -189,6 +202,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7, help="graph replays per measurement (median)")
     p.add_argument("--no-peers", action="store_true", help="skip the torch peers")
     p.add_argument("--json", help="write the records here (JSON list), atomically")
+    p.add_argument("--base-kernel", type=int, choices=[0, 1], default=0,
+                   help="also time this base GEMV kernel (dd_cuda_variant.base_kernel; 1 = kernel 1, a "
+                        "measurement variant) beside the production kernel, same session (kernels only)")
+    p.add_argument("--base-ksplit", type=int, choices=[0, 1, 2, 4, 8], default=0,
+                   help="kernel 1's input-dimension split over a block's warps (0 = its rule)")
     args = p.parse_args(argv)
     args.argv = argv
     recs = bench_kernels(args) if args.what == "kernels" else bench_bandwidth(args)

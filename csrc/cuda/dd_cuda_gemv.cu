@@ -16,6 +16,7 @@
  *   4-bit path.
  */
 #include <math.h>
+#include <string.h>
 
 #include <algorithm>
 
@@ -628,6 +629,360 @@ long base_blocks(long needed, long cap, int grid_rule) {
     return cap;
 }
 
+
+/* ==== base kernel 1 (measurement variant dd_cuda_variant.base_kernel = 1; docs/KERNELS.md
+ * "Base kernel 1"): the same dequantisation and numerics as gemv_base_kernel, but
+ *  - every thread keeps kK1Stages - 1 weight steps in flight through a PRIVATE cp.async ring in
+ *    shared memory (each thread copies exactly the bytes it will read itself, so the ring needs
+ *    cp.async.wait_group only -- no block barrier in the main loop), instead of one step in
+ *    registers: ~3x the bytes in flight per thread at fewer registers;
+ *  - a block's 8 warps split the input dimension ksplit ways (1, 2, 4, 8) over a tile of
+ *    (8 / ksplit) * kK1Rows rows, partial sums reduced in fp32 through shared memory in a fixed
+ *    order (one __syncthreads per tile, double-buffered), so 4096-wide outputs still give every
+ *    block slot of the GPU a tile;
+ *  - persistent: grid = min(tiles, resident block slots); x is staged once per block straight
+ *    from global memory (no raw copy), while the first weight steps are already in flight.
+ * cp.async is sm_80+ (no Hopper-only instruction here); below sm_80 the copies are plain loads.
+ * Step i of a thread = (tile i / S, unit k0 + lane + 32 (i % S)); every thread walks the same
+ * (tile, s) sequence (invalid units just commit empty groups), so the group counts, the tile
+ * ends, the shuffles and the barriers are uniform. */
+constexpr int kK1Stages = 4;  /* ring slots per thread: kK1Stages - 1 steps in flight */
+constexpr int kK1Rows = 2;    /* rows per warp per step (one staged-x read serves both) */
+
+__device__ __forceinline__ void k1_copy16(void *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint4 *>(dst) = __ldcs(reinterpret_cast<const uint4 *>(src));
+#endif
+}
+__device__ __forceinline__ void k1_copy8(void *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint2 *>(dst) = __ldcs(reinterpret_cast<const uint2 *>(src));
+#endif
+}
+__device__ __forceinline__ void k1_copy4(void *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint32_t *>(dst) = __ldg(reinterpret_cast<const uint32_t *>(src));
+#endif
+}
+__device__ __forceinline__ void k1_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void k1_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+/* fp16 element `sel` (0 low, 1 high) of a little-endian word holding elements 2m, 2m+1 */
+__device__ __forceinline__ float k1_half_of(uint32_t w, uint32_t sel) {
+    return __half2float(__ushort_as_half((unsigned short)(sel ? (w >> 16) : (w & 0xFFFFu))));
+}
+
+/* Shared memory of kernel 1: [lo ring | hi ring (3-bit) | scale/zero ring | staged x |
+ * per-segment unscale | per-unit sums | 2 x kWarps x kK1Rows reduction slots]. */
+size_t k1_smem_bytes(int bits, int d_in_pad) {
+    const size_t slots = (size_t)kK1Stages * kK1Rows * kThreads;
+    const int unit = bits == 4 ? 32 : 64;
+    return slots * (16 + (bits == 3 ? 8 : 0) + 8) + (size_t)d_in_pad * 2 + (size_t)(d_in_pad / 64) * 4 +
+           (size_t)(d_in_pad / unit) * 4 + 2 * kWarps * kK1Rows * 4;
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(kThreads, 2)
+gemv_k1_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
+               const __half *__restrict__ zeros, const __half *__restrict__ x, __half *__restrict__ y,
+               int d_in, int d_in_pad, int d_out, int group_size, int accumulate, int ksplit) {
+    constexpr int R = kK1Rows, NST = kK1Stages;
+    constexpr int kUnitElems = BITS == 4 ? 32 : 64;
+    constexpr int kSlots = NST * R * kThreads;
+    extern __shared__ uint4 smem_u4[];
+    uint4 *ring_lo = smem_u4;                                          /* [NST][R][kThreads] */
+    uint2 *ring_hi = reinterpret_cast<uint2 *>(ring_lo + kSlots);      /* 3-bit only */
+    uint2 *ring_sz = ring_hi + (BITS == 3 ? kSlots : 0);               /* (scale word, zero word) */
+    __half *xs = reinterpret_cast<__half *>(ring_sz + kSlots);         /* 16-byte aligned */
+    const int n_units = d_in_pad / kUnitElems;
+    float *seg_unscale = reinterpret_cast<float *>(xs + d_in_pad);
+    float *unit_sum = seg_unscale + d_in_pad / 64;
+    float *red = unit_sum + n_units;                                   /* [2][kWarps][R] */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n_groups = d_in_pad / group_size;
+    const int group_shift = group_size == 128 ? 7 : 6;
+    const size_t row_bytes = (size_t)d_in_pad * BITS / 8;
+    const int rg = warp / ksplit, ks = warp - rg * ksplit;
+    const int tile_rows = (kWarps / ksplit) * R;         /* 16, 8, 4 or 2: divides d_out (% 32) */
+    const int n_tiles = d_out / tile_rows;
+    const int us = (n_units + ksplit - 1) / ksplit;      /* units per k-slice */
+    const int k0 = ks * us, k1 = min(n_units, k0 + us);  /* this warp's slice (may be empty) */
+    const int S = (us + 31) / 32;                        /* steps per tile: block-uniform */
+    const int my_tiles = (n_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+    const int n_steps = my_tiles * S;
+
+    /* producer position: step p_i = (tile p_tile, s p_s) */
+    int p_i = 0, p_tile = blockIdx.x, p_s = 0;
+    auto issue = [&](int slot) {
+        const int u = k0 + lane + 32 * p_s;
+        if (p_i < n_steps && u < k1) {
+            const int r0 = p_tile * tile_rows + rg * R;
+            const int g = (u * kUnitElems) >> group_shift;
+#pragma unroll
+            for (int k = 0; k < R; k++) {
+                const uint8_t *row = qweight + (size_t)(r0 + k) * row_bytes;
+                const int idx = (slot * R + k) * kThreads + tid;
+                k1_copy16(ring_lo + idx, row + (size_t)u * 16);
+                if (BITS == 3) k1_copy8(ring_hi + idx, row + d_in_pad / 4 + (size_t)u * 8);
+                /* the aligned 4-byte word holding element gi (the arrays are 4-byte aligned and of
+                 * even length: d_out % 32 == 0) */
+                const size_t gi = (size_t)(r0 + k) * n_groups + g;
+                k1_copy4(&ring_sz[idx].x, scales + (gi & ~(size_t)1));
+                k1_copy4(&ring_sz[idx].y, zeros + (gi & ~(size_t)1));
+            }
+        }
+        k1_commit(); /* possibly empty: every thread commits one group per step */
+        p_i++;
+        if (++p_s == S) { p_s = 0; p_tile += gridDim.x; }
+    };
+
+    /* ---- the first NST - 1 steps leave for HBM before x is staged ---- */
+#pragma unroll
+    for (int i = 0; i < NST - 1; i++) issue(i);
+
+    /* ---- stage x straight from global memory: every thread owns 8 inputs (one vector) ---- */
+    {
+        const bool vec = (((uintptr_t)x) & 15) == 0 && (d_in & 7) == 0;
+        const int n_vec = d_in_pad / 8; /* multiple of 16: whole segments per warp pass */
+        for (int vb = 0; vb < n_vec; vb += kThreads) {
+            const int vi = vb + tid;
+            const bool on = vi < n_vec; /* uniform per 8-lane segment group */
+            uint4 rv = make_uint4(0u, 0u, 0u, 0u);
+            if (on && vi * 8 < d_in) {
+                if (vec) {
+                    rv = __ldg(reinterpret_cast<const uint4 *>(x) + vi);
+                } else {
+                    unsigned short e[8];
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        const int j = vi * 8 + k;
+                        e[k] = j < d_in ? __half_as_ushort(x[j]) : (unsigned short)0;
+                    }
+                    rv.x = e[0] | ((uint32_t)e[1] << 16);
+                    rv.y = e[2] | ((uint32_t)e[3] << 16);
+                    rv.z = e[4] | ((uint32_t)e[5] << 16);
+                    rv.w = e[6] | ((uint32_t)e[7] << 16);
+                }
+            }
+            const uint32_t w[4] = {rv.x, rv.y, rv.z, rv.w};
+            float f[8], m = 0.f, s = 0.f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 p = __half22float2(as_h2(w[k]));
+                f[2 * k] = p.x;
+                f[2 * k + 1] = p.y;
+                m = fmaxf(m, fmaxf(fabsf(p.x), fabsf(p.y))); /* fmaxf skips NaN */
+                s += p.x + p.y;
+            }
+#pragma unroll
+            for (int off = 4; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            if (BITS == 3) s += __shfl_xor_sync(0xffffffffu, s, 4); /* 64-input unit */
+            if (on) {
+                int e = 0;
+                if (m > 0.f && m <= 3.0e38f) frexpf(m, &e);
+                const float down = ldexpf(1.f, -e);
+                const int seg = vi >> 3;
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    float p;
+                    const int i = staged_index<BITS>(vi * 8 + k, n_units, &p);
+                    xs[i] = __float2half_rn(f[k] * down * p);
+                }
+                if ((vi & 7) == 0) seg_unscale[seg] = ldexpf(1.f, e);
+                if (BITS == 4 && (vi & 3) == 0) unit_sum[vi >> 2] = s;
+                if (BITS == 3 && (vi & 7) == 0) unit_sum[seg] = s;
+            }
+        }
+    }
+    __syncthreads();
+
+    const float centre = BITS == 4 ? 8.f : 4.f;
+    const __half2 bias_lo = __float2half2_rn(1024.f + centre);
+    const __half2 bias_hi = __float2half2_rn(1024.f + 16.f * centre);
+    const uint4 *xs4 = reinterpret_cast<const uint4 *>(xs);
+    uint32_t magic = kMagic;
+    asm volatile("" : "+r"(magic));
+
+    float acc[R];
+#pragma unroll
+    for (int k = 0; k < R; k++) acc[k] = 0.f;
+    int c_tile = blockIdx.x, c_s = 0, par = 0;
+    for (int i = 0; i < n_steps; i++) {
+        issue((i + NST - 1) % NST); /* refills the slot read in step i - 1 */
+        k1_wait<NST - 1>();         /* this thread's group i (step i) has landed */
+        const int slot = i % NST;
+        const int u = k0 + lane + 32 * c_s;
+        if (u < k1) {
+            const int r0 = c_tile * tile_rows + rg * R;
+            const int g = (u * kUnitElems) >> group_shift;
+            const int seg = BITS == 4 ? (u >> 1) : u;
+            const float unscale = seg_unscale[seg], xsum = unit_sum[u];
+            __half2 p[R];
+#pragma unroll
+            for (int k = 0; k < R; k++) p[k] = __float2half2_rn(0.f);
+            if (BITS == 4) {
+                uint4 xv[4];
+#pragma unroll
+                for (int v = 0; v < 4; v++) xv[v] = xs4[v * n_units + u];
+#pragma unroll
+                for (int k = 0; k < R; k++) {
+                    const uint4 lo = ring_lo[(slot * R + k) * kThreads + tid];
+                    p[k] = nibble_word_dot(lo.x, xv[0], p[k], bias_lo, bias_hi, magic);
+                    p[k] = nibble_word_dot(lo.y, xv[1], p[k], bias_lo, bias_hi, magic);
+                    p[k] = nibble_word_dot(lo.z, xv[2], p[k], bias_lo, bias_hi, magic);
+                    p[k] = nibble_word_dot(lo.w, xv[3], p[k], bias_lo, bias_hi, magic);
+                }
+            } else {
+                uint4 lo[R];
+                uint2 hi[R];
+#pragma unroll
+                for (int k = 0; k < R; k++) {
+                    lo[k] = ring_lo[(slot * R + k) * kThreads + tid];
+                    hi[k] = ring_hi[(slot * R + k) * kThreads + tid];
+                }
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    const uint4 xe = xs4[(2 * w) * n_units + u];
+                    const uint4 xo = xs4[(2 * w + 1) * n_units + u];
+#pragma unroll
+                    for (int k = 0; k < R; k++) {
+                        const uint32_t low = w == 0 ? lo[k].x : w == 1 ? lo[k].y : w == 2 ? lo[k].z : lo[k].w;
+                        const uint32_t hw = w < 2 ? hi[k].x : hi[k].y;
+                        const uint32_t sp = spread16(hw, (w & 1) ? 0x4342u : 0x4140u);
+                        const uint32_t ce = bit_select(0x33333333u, low, sp << 2);
+                        const uint32_t co = bit_select(0x33333333u, low >> 2, sp);
+                        p[k] = nibble_word_dot(ce, xe, p[k], bias_lo, bias_hi, magic);
+                        p[k] = nibble_word_dot(co, xo, p[k], bias_lo, bias_hi, magic);
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < R; k++) {
+                const uint2 szw = ring_sz[(slot * R + k) * kThreads + tid];
+                const uint32_t sel = (uint32_t)(((size_t)(r0 + k) * n_groups + g) & 1);
+                const float2 pf = __half22float2(p[k]);
+                const float sc = k1_half_of(szw.x, sel), z = k1_half_of(szw.y, sel);
+                acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
+            }
+        }
+        if (++c_s == S) { /* end of this block's tile: uniform over the block */
+#pragma unroll
+            for (int k = 0; k < R; k++)
+#pragma unroll
+                for (int off = 16; off; off >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+            const int r0 = c_tile * tile_rows + rg * R;
+            if (ksplit == 1) {
+                if (lane < R) {
+                    const float a = lane == 0 ? acc[0] : acc[R - 1];
+                    if (accumulate) atomicAdd(y + r0 + lane, __float2half_rn(a));
+                    else y[r0 + lane] = __float2half_rn(a);
+                }
+            } else {
+                float *rb = red + par * (kWarps * R);
+                if (lane == 0) {
+#pragma unroll
+                    for (int k = 0; k < R; k++) rb[warp * R + k] = acc[k];
+                }
+                __syncthreads(); /* every thread reaches it: n_steps and S are block-uniform */
+                if (ks == 0 && lane < R) {
+                    float a = 0.f;
+                    for (int j = 0; j < ksplit; j++) a += rb[(rg * ksplit + j) * R + lane]; /* fixed order */
+                    if (accumulate) atomicAdd(y + r0 + lane, __float2half_rn(a));
+                    else y[r0 + lane] = __float2half_rn(a);
+                }
+                par ^= 1;
+            }
+#pragma unroll
+            for (int k = 0; k < R; k++) acc[k] = 0.f;
+            c_s = 0;
+            c_tile += gridDim.x;
+        }
+    }
+    k1_wait<0>(); /* nothing real is pending (every real step was waited for); empty groups only */
+}
+static_assert(kK1Rows == 2, "the ksplit == 1 store picks acc[0] / acc[R - 1]");
+
+/* Kernel 1's plan for one call: applies = false when it does not (pointers not 16/4-byte aligned,
+ * shared memory beyond the device limit, no resident block): the caller runs kernel 0. */
+struct K1Plan {
+    bool applies;
+    int ksplit, per_sm;
+    long blocks, tiles;
+    size_t smem;
+    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int, int,
+                   int, int, int, int);
+};
+
+dd_status plan_k1(const dd_shape *s, const void *d_qweight, const void *d_scales, const void *d_zeros,
+                  int n_sm_free, const dd_cuda_variant *v, K1Plan *P) {
+    memset(P, 0, sizeof *P);
+    if ((((uintptr_t)d_qweight) & 15) || (((uintptr_t)d_scales) & 3) || (((uintptr_t)d_zeros) & 3))
+        return DD_OK;
+    int n_sm = 0, smem_optin = 0;
+    dd_status st;
+    if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
+    if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
+    const int d_in_pad = dd_d_in_pad(s);
+    P->smem = k1_smem_bytes(s->bits, d_in_pad);
+    if (P->smem > (size_t)smem_optin) return DD_OK;
+    P->kernel = s->bits == 4 ? gemv_k1_kernel<4> : gemv_k1_kernel<3>;
+    if (P->smem > 48 * 1024)
+        DD_CK(cudaFuncSetAttribute(P->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)P->smem));
+    DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&P->per_sm, P->kernel, kThreads, P->smem));
+    if (P->per_sm < 1) return DD_OK;
+    const long slots = (long)n_sm_free * P->per_sm;
+    /* k-split rule: the smallest split (1, 2, 4, 8) that gives every resident block slot a tile */
+    const int vk = v ? v->base_ksplit : 0;
+    int ksplit = vk == 1 || vk == 2 || vk == 4 || vk == 8 ? vk : 0;
+    if (!ksplit) {
+        ksplit = 8;
+        for (int k = 1; k <= 8; k *= 2)
+            if ((long)s->d_out / ((kWarps / k) * kK1Rows) >= slots) { ksplit = k; break; }
+    }
+    P->ksplit = ksplit;
+    P->tiles = (long)s->d_out / ((kWarps / ksplit) * kK1Rows);
+    P->blocks = std::min(P->tiles, slots);
+    P->applies = true;
+    return DD_OK;
+}
+
+dd_status gemv_k1_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
+                         const uint16_t *d_zeros, const uint16_t *d_x, uint16_t *d_y, int accumulate,
+                         int n_sm_free, const dd_cuda_variant *v, cudaStream_t stream, bool *launched) {
+    *launched = false;
+    K1Plan P;
+    dd_status st = plan_k1(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P);
+    if (st != DD_OK || !P.applies) return st;
+    P.kernel<<<(unsigned)P.blocks, kThreads, P.smem, stream>>>(
+        d_qweight, reinterpret_cast<const __half *>(d_scales), reinterpret_cast<const __half *>(d_zeros),
+        reinterpret_cast<const __half *>(d_x), reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s),
+        s->d_out, s->group_size, accumulate, P.ksplit);
+    DD_CK_LAUNCH("gemv_k1_kernel");
+    *launched = true;
+    return DD_OK;
+}
+
 } // namespace
 
 dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
@@ -639,6 +994,12 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
     int n_sm = 0, smem_optin = 0;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
+    if (v && v->base_kernel == 1) { /* measurement variant: kernel 1, else kernel 0 below */
+        bool launched = false;
+        if ((st = gemv_k1_launch(s, d_qweight, d_scales, d_zeros, d_x, d_y, accumulate, n_sm_free, v,
+                                 (cudaStream_t)stream, &launched)) != DD_OK || launched)
+            return st;
+    }
     BasePlan P;
     if ((st = plan_base<false>(s, n_sm_free, v, &P)) != DD_OK) return st;
     const long blocks = base_blocks(((long)s->d_out + P.rows_per_block - 1) / P.rows_per_block,
@@ -650,6 +1011,21 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
         reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s), s->d_out, s->group_size, accumulate,
         P.lanes, none);
     DD_CK_LAUNCH("gemv_base_kernel");
+    return DD_OK;
+}
+
+dd_status dd_cuda_gemv_k1_info(const dd_shape *s, const void *d_qweight, const void *d_scales,
+                               const void *d_zeros, int n_sm_free, const dd_cuda_variant *v, int *ksplit,
+                               long *blocks, long *tiles, size_t *smem, int *per_sm) {
+    dd_status st = dd_shape_check(s);
+    if (st != DD_OK) return st;
+    K1Plan P;
+    if ((st = plan_k1(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P)) != DD_OK) return st;
+    *ksplit = P.applies ? P.ksplit : 0;
+    *blocks = P.blocks;
+    *tiles = P.tiles;
+    *smem = P.smem;
+    *per_sm = P.per_sm;
     return DD_OK;
 }
 

@@ -776,6 +776,8 @@ static int parse_variant(PyObject *obj, dd_cuda_variant *v, int *given) {
         {"layer_mode", offsetof(dd_cuda_variant, layer_mode)},
         {"layer_grid_cap", offsetof(dd_cuda_variant, layer_grid_cap)},
         {"base_sm", offsetof(dd_cuda_variant, base_sm)},
+        {"base_kernel", offsetof(dd_cuda_variant, base_kernel)},
+        {"base_ksplit", offsetof(dd_cuda_variant, base_ksplit)},
     };
     PyObject *key, *value;
     Py_ssize_t pos = 0;
@@ -786,7 +788,7 @@ static int parse_variant(PyObject *obj, dd_cuda_variant *v, int *given) {
                 if (PyUnicode_CompareWithASCIIString(key, fields[f].name) == 0) break;
         if (!PyUnicode_Check(key) || f == nf) {
             PyErr_Format(PyExc_ValueError, "variant: unknown field %R (known: base_rows, base_grid, "
-                         "layer_rows, layer_mode, layer_grid_cap, base_sm)", key);
+                         "layer_rows, layer_mode, layer_grid_cap, base_sm, base_kernel, base_ksplit)", key);
             return -1;
         }
         int32_t iv;
@@ -864,7 +866,8 @@ static PyMethodDef cuda_functions[] = {
     {"_cuda_bench_create", py_bench_create, METH_VARARGS, "(d_in, d_out, bits, group_size[, rotate_bytes, seed])"},
     {"_cuda_bench_run", (PyCFunction)(void (*)(void))py_bench_run, METH_VARARGS | METH_KEYWORDS,
      "(bench, mode, k_chunk, n_tb, iters, reps, variant=None) -> us per call; variant: a dict of "
-     "dd_cuda_variant fields (base_rows, base_grid, layer_rows, layer_mode, layer_grid_cap, base_sm)"},
+     "dd_cuda_variant fields (base_rows, base_grid, layer_rows, layer_mode, layer_grid_cap, base_sm, "
+     "base_kernel, base_ksplit)"},
     {"_cuda_bench_info", py_bench_info, METH_O, "(bench) -> (layer bytes, copies, SMs)"},
     {"_cuda_bandwidth", py_bandwidth, METH_VARARGS, "([bytes, zero_copy_blocks]) -> (hbm, zero-copy, h2d) GB/s"},
     {"_cuda_device_name", py_device_name, METH_VARARGS, "([device]) -> name"},

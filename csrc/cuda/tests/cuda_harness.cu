@@ -2,6 +2,8 @@
  * Standalone GPU check + benchmark of the CUDA backend against the CPU backend (the oracle).
  *   ./cuda_harness test          correctness (exit 1 on any failure)
  *   ./cuda_harness bench [quick] timing table (JSON lines on stdout, prefixed "JSON ")
+ *   ./cuda_harness k1cmp [quick] base kernel 1 beside kernel 0 on the six Llama shapes
+ *   ./cuda_harness k1race        base kernel 1 on small shapes (for compute-sanitizer)
  * Build: see csrc/cuda/tests/run_gpu.sh.
  */
 #include <math.h>
@@ -374,7 +376,7 @@ static void test_api_rules() {
     CHECK(mism == 0, "total quota closed form: %d mismatches", mism);
 }
 
-static void test_base_float64(int d_in, int d_out, int bits, int gs, float outlier) {
+static void test_base_float64(int d_in, int d_out, int bits, int gs, float outlier, const dd_cuda_variant *var = nullptr) {
     /* base GEMV against a float64 reference, large activations included (no fp16 overflow) */
     Layer L;
     make_layer(L, d_in, d_out, bits, gs, 1.f);
@@ -388,7 +390,7 @@ static void test_base_float64(int d_in, int d_out, int bits, int gs, float outli
     OK(dd_cuda_malloc((void **)&dx, d_in * 2)); OK(dd_cuda_memcpy(dx, hx.data(), d_in * 2, 0, NULL, 1));
     OK(dd_cuda_malloc((void **)&dy, d_out * 2));
     OK(dd_cuda_memset(dy, 0xFF, d_out * 2, NULL));
-    OK(dd_cuda_gemv_base(&L.s, dq, ds, dz, dx, dy, 0, 0, NULL));
+    OK(dd_cuda_gemv_base_v(&L.s, dq, ds, dz, dx, dy, 0, 0, var, NULL));
     std::vector<float> gy = download_half(dy, d_out), ref(d_out);
     /* float64 dequantised product */
     const int ng = dd_num_groups(&L.s);
@@ -412,10 +414,73 @@ static void test_base_float64(int d_in, int d_out, int bits, int gs, float outli
     }
     int nf; double e = rel_err(gy, ref, &nf);
     /* fp16 output alone costs ~3e-4 */
-    CHECK(nf == 0 && e < 1.5e-3, "base vs float64 %dx%d b%d g%d: rel err %.2e nf %d", d_in, d_out, bits, gs, e, nf);
-    printf("base    %5d->%-5d bits %d g%3d (|x| up to 3000): rel err vs float64 %.2e\n", d_in, d_out, bits, gs, e);
+    const int kern = var ? var->base_kernel : 0;
+    CHECK(nf == 0 && e < 1.5e-3, "base kernel %d vs float64 %dx%d b%d g%d: rel err %.2e nf %d", kern, d_in, d_out, bits, gs, e, nf);
+    printf("base k%d %5d->%-5d bits %d g%3d (|x| up to 3000): rel err vs float64 %.2e\n", kern, d_in, d_out, bits, gs, e);
     dd_cuda_free(dq); dd_cuda_free(ds); dd_cuda_free(dz); dd_cuda_free(dx); dd_cuda_free(dy);
     dd_cuda_host_free(L.rc);
+}
+
+/* Base kernel 1 (dd_cuda_variant.base_kernel = 1) against the CPU backend (dd_cpu_gemv_base):
+ * every k-split (rule, 1, 2, 4, 8), store and accumulate, aligned and misaligned x (x + 1 element:
+ * the staging's scalar path), NaN-poisoned y first so an unwritten output fails.  Also checks that
+ * kernel 1 really ran (dd_cuda_gemv_k1_info: no silent fallback to kernel 0). */
+static void test_base_k1(int d_in, int d_out, int bits, int gs, bool all_splits) {
+    dd_shape s = {d_in, d_out, bits, gs};
+    const size_t rb = dd_qweight_row_bytes(&s);
+    const int ng = dd_num_groups(&s);
+    std::vector<uint8_t> q(rb * d_out);
+    for (auto &v : q) v = (uint8_t)nexti(); /* padded codes too: they must be ignored */
+    std::vector<uint16_t> sc((size_t)ng * d_out), zr((size_t)ng * d_out);
+    for (auto &v : sc) v = dd_float_to_half(0.002f + 0.02f * unif());
+    for (auto &v : zr) v = dd_float_to_half(unif() * ((1 << bits) - 1));
+    std::vector<uint16_t> hx; std::vector<float> fx;
+    make_x(hx, fx, d_in, 12.f, 0, 0);
+    std::vector<float> cy(d_out);
+    OK(dd_cpu_gemv_base(&s, q.data(), sc.data(), zr.data(), fx.data(), 1, cy.data()));
+    uint8_t *dq; uint16_t *ds, *dz, *dx, *dy;
+    OK(dd_cuda_malloc((void **)&dq, q.size())); OK(dd_cuda_memcpy(dq, q.data(), q.size(), 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&ds, sc.size() * 2)); OK(dd_cuda_memcpy(ds, sc.data(), sc.size() * 2, 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&dz, zr.size() * 2)); OK(dd_cuda_memcpy(dz, zr.data(), zr.size() * 2, 0, NULL, 1));
+    OK(dd_cuda_malloc((void **)&dx, (d_in + 8) * 2));
+    OK(dd_cuda_malloc((void **)&dy, d_out * 2));
+    std::vector<uint16_t> y0(d_out);
+    std::vector<float> ca(d_out);
+    for (int i = 0; i < d_out; i++) { y0[i] = dd_float_to_half(gaussf()); ca[i] = cy[i] + dd_half_to_float(y0[i]); }
+    double worst = 0;
+    int runs = 0;
+    for (int split : {0, 1, 2, 4, 8}) {
+        if (!all_splits && split != 0) continue;
+        dd_cuda_variant v = {};
+        v.base_kernel = 1;
+        v.base_ksplit = split;
+        int ks = 0, per_sm = 0; long blocks = 0, tiles = 0; size_t smem = 0;
+        OK(dd_cuda_gemv_k1_info(&s, dq, ds, dz, 0, &v, &ks, &blocks, &tiles, &smem, &per_sm));
+        CHECK(ks != 0, "kernel 1 does not apply to %dx%d b%d g%d (smem %zu)", d_in, d_out, bits, gs, smem);
+        if (split) CHECK(ks == split, "kernel 1 k-split %d, asked %d", ks, split);
+        if (split == 0)
+            printf("k1 plan %5d->%-5d bits %d g%3d: ksplit %d, %ld blocks for %ld tiles, %d blocks/SM, smem %zu B\n",
+                   d_in, d_out, bits, gs, ks, blocks, tiles, per_sm, smem);
+        for (int off : {0, 1}) {
+            if (off && split != 0) continue;
+            OK(dd_cuda_memcpy(dx + off, hx.data(), d_in * 2, 0, NULL, 1));
+            for (int acc : {0, 1}) {
+                if (acc) OK(dd_cuda_memcpy(dy, y0.data(), d_out * 2, 0, NULL, 1));
+                else OK(dd_cuda_memset(dy, 0xFF, d_out * 2, NULL)); /* NaN poison */
+                OK(dd_cuda_gemv_base_v(&s, dq, ds, dz, dx + off, dy, acc, 0, &v, NULL));
+                OK(dd_cuda_device_synchronize());
+                std::vector<float> gy = download_half(dy, d_out);
+                int nf = 0;
+                const double e = rel_err(gy, acc ? ca : cy, &nf);
+                CHECK(nf == 0 && e < 2e-3, "k1 %dx%d b%d g%d ksplit %d x+%d acc %d: rel err %.2e, %d unwritten/non-finite",
+                      d_in, d_out, bits, gs, ks, off, acc, e, nf);
+                worst = std::max(worst, e);
+                runs++;
+            }
+        }
+    }
+    printf("k1      %5d->%-5d bits %d g%3d: %d runs, worst rel err vs CPU %.2e\n", d_in, d_out, bits, gs, runs, worst);
+    dd_cuda_free(dq); dd_cuda_free(ds); dd_cuda_free(dz); dd_cuda_free(dx); dd_cuda_free(dy);
 }
 
 static void test_errors() {
@@ -487,6 +552,28 @@ static int run_tests(int quick) {
         }
         test_layer(1024, 32768, 3, 128); /* default variant, tickets on the full grid */
     }
+    /* base kernel 1 (measurement variant): every shape above plus the Llama shapes, both bits and
+     * group sizes, every k-split on the shapes of at most 4096 x 4096 (env DD_TEST_K1=0 skips) */
+    const char *k1 = getenv("DD_TEST_K1");
+    if (!k1 || atoi(k1)) {
+        dd_cuda_variant v1 = {};
+        v1.base_kernel = 1;
+        test_base_float64(4096, 256, 4, 128, 20.f, &v1);
+        test_base_float64(4096, 256, 3, 128, 20.f, &v1);
+        test_base_float64(1000, 96, 3, 64, 20.f, &v1);
+        test_base_float64(14336, 64, 3, 128, 20.f, &v1);
+        const int k1_shapes[][2] = {{576, 192}, {1000, 96}, {1536, 576}, {2048 + 130, 320}, {4096, 1024}, {3000, 32},
+                                    {128, 32}, {14336, 256}, {4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 28672}};
+        for (auto &sh : k1_shapes)
+            for (int bits : {3, 4})
+                for (int gs : {64, 128}) {
+                    if (quick && sh[0] * (long)sh[1] > 4096L * 4096 && gs == 64) continue;
+                    test_base_k1(sh[0], sh[1], bits, gs, (long)sh[0] * sh[1] <= 4096L * 4096);
+                }
+        /* the layer's base GEMV calls (k_chunk 0, serial, fork/join with DEC's atomics beside it) */
+        test_layer(1000, 320, 3, 128, &v1);
+        test_layer(2048 + 130, 1024, 4, 64, &v1);
+    }
     /* issue 7 regression: two streams / threads on one layer, tickets under contention */
     test_concurrent(1024, 32768, 3, nullptr);
     {
@@ -526,6 +613,14 @@ static int run_bench(int quick) {
             OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, NULL, iters, reps, &t_base));
             printf("JSON {\"kind\":\"base\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"model\":\"%s\",\"bytes\":%zu,\"copies\":%d,\"us_read\":%.3f,\"us_base\":%.3f,\"base_over_read\":%.4f,\"base_gbs\":%.1f,\"pct_hbm\":%.1f}\n",
                    sh.d_in, sh.d_out, bits, sh.model, bytes, copies, t_read, t_base, t_read / t_base, bytes / (t_base * 1e3), 100.0 * bytes / (t_base * 1e3) / hbm);
+            {
+                dd_cuda_variant v1 = {};
+                v1.base_kernel = 1;
+                double t_k1;
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v1, iters, reps, &t_k1));
+                printf("JSON {\"kind\":\"base_k1\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"us_read\":%.3f,\"us_base_k0\":%.3f,\"us_base_k1\":%.3f,\"k1_over_read\":%.4f,\"k1_pct_hbm\":%.1f,\"k1_speedup\":%.4f}\n",
+                       sh.d_in, sh.d_out, bits, t_read, t_base, t_k1, t_read / t_k1, 100.0 * bytes / (t_k1 * 1e3) / hbm, t_base / t_k1);
+            }
             for (int ntb : ntbs) {
                 double t_res, t_dec8;
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, ntb, NULL, iters, reps, &t_res));
@@ -646,6 +741,76 @@ static int run_parts(int quick) {
     return 0;
 }
 
+/* Base kernel 1 beside kernel 0 (production) on the six Llama shapes of bench/results/kernels.md,
+ * same bench session (same weights, same rotation): read of the same bytes, kernel 0, kernel 1 by
+ * rule and at every k-split, both on every SM and on SMs - 16 (what DEC leaves).
+ * Usage: cuda_harness k1cmp [quick]   (quick: group 128 only) */
+static int run_k1cmp(int quick) {
+    char name[256];
+    OK(dd_cuda_device_name(0, name, sizeof name));
+    double hbm, zc, h2d;
+    OK(dd_cuda_bench_bandwidth((size_t)2 << 30, 16, &hbm, &zc, &h2d));
+    printf("k1cmp on %s, HBM read %.0f GB/s\n", name, hbm);
+    struct { int d_in, d_out; } shapes[] = {{4096, 4096}, {4096, 1024}, {4096, 14336}, {14336, 4096}, {8192, 8192}, {8192, 28672}};
+    for (int gs : {128, 64}) {
+        if (quick && gs == 64) continue;
+        for (auto &sh : shapes)
+            for (int bits : {3, 4}) {
+                dd_shape s = {sh.d_in, sh.d_out, bits, gs};
+                dd_cuda_bench *b;
+                OK(dd_cuda_bench_create(&s, 0, 7, &b));
+                size_t bytes; int copies, n_sm;
+                OK(dd_cuda_bench_info(b, &bytes, &copies, &n_sm));
+                const int iters = std::max(20, std::min(copies, 400)), reps = 7;
+                double t_read, t0, t0r;
+                OK(dd_cuda_bench_run(b, DD_BENCH_READ, 0, 0, NULL, iters, reps, &t_read));
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, NULL, iters, reps, &t0));
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, 16, NULL, iters, reps, &t0r));
+                dd_cuda_variant v = {};
+                v.base_kernel = 1;
+                int ks = 0, per_sm = 0; long blocks = 0, tiles = 0; size_t smem = 0;
+                /* the plan for a 16/4-aligned allocation (what the session's copies are) */
+                OK(dd_cuda_gemv_k1_info(&s, (const void *)256, (const void *)256, (const void *)256, 0, &v, &ks,
+                                        &blocks, &tiles, &smem, &per_sm));
+                double t1, t1r, tk[4];
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v, iters, reps, &t1));
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, 16, &v, iters, reps, &t1r));
+                const int splits[4] = {1, 2, 4, 8};
+                for (int i = 0; i < 4; i++) {
+                    dd_cuda_variant vs = v;
+                    vs.base_ksplit = splits[i];
+                    OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &vs, iters, reps, &tk[i]));
+                }
+                printf("K1CMP %5d x %5d %db g%3d: read %6.2f | k0 %6.2f us (%5.1f%% of read) | k1 %6.2f us (%5.1f%% of read, "
+                       "%5.1f%% HBM, x%.2f) ksplit %d grid %ld/%ld tiles %d/SM smem %zu | split1 %6.2f 2 %6.2f 4 %6.2f 8 %6.2f | "
+                       "SMs-16: k0 %6.2f k1 %6.2f\n",
+                       sh.d_in, sh.d_out, bits, gs, t_read, t0, 100 * t_read / t0, t1, 100 * t_read / t1,
+                       100.0 * bytes / (t1 * 1e3) / hbm, t0 / t1, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3],
+                       t0r, t1r);
+                printf("JSON {\"kind\":\"k1cmp\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"group_size\":%d,\"bytes\":%zu,\"us_read\":%.3f,"
+                       "\"us_k0\":%.3f,\"us_k1\":%.3f,\"k0_over_read\":%.4f,\"k1_over_read\":%.4f,\"k1_pct_hbm\":%.1f,\"ksplit\":%d,"
+                       "\"blocks\":%ld,\"tiles\":%ld,\"per_sm\":%d,\"smem\":%zu,\"us_k1_split1\":%.3f,\"us_k1_split2\":%.3f,"
+                       "\"us_k1_split4\":%.3f,\"us_k1_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k1_sm_minus16\":%.3f}\n",
+                       sh.d_in, sh.d_out, bits, gs, bytes, t_read, t0, t1, t_read / t0, t_read / t1,
+                       100.0 * bytes / (t1 * 1e3) / hbm, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3], t0r, t1r);
+                fflush(stdout);
+                OK(dd_cuda_bench_destroy(b));
+            }
+    }
+    return 0;
+}
+
+/* Kernel 1 on small shapes only, every k-split: what compute-sanitizer memcheck / racecheck run. */
+static int run_k1race() {
+    for (int bits : {3, 4}) {
+        test_base_k1(1000, 96, bits, 64, true);
+        test_base_k1(2048 + 130, 320, bits, 128, true);
+        test_base_k1(4096, 1024, bits, 128, true);
+    }
+    printf("%s: %d failure(s)\n", g_fail ? "TESTS FAILED" : "TESTS PASSED", g_fail);
+    return g_fail ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     if (dd_cuda_device_count() <= 0) { printf("no CUDA device\n"); return 2; }
     OK(DD_CU(cudaDeviceGetAttribute(&g_n_sm, cudaDevAttrMultiProcessorCount, 0)));
@@ -655,5 +820,7 @@ int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "basecmp") == 0) return run_basecmp();
     if (argc > 1 && strcmp(argv[1], "parts") == 0) return run_parts(quick);
     if (argc > 1 && strcmp(argv[1], "race") == 0) return run_race();
+    if (argc > 1 && strcmp(argv[1], "k1cmp") == 0) return run_k1cmp(quick);
+    if (argc > 1 && strcmp(argv[1], "k1race") == 0) return run_k1race();
     return run_tests(quick);
 }
