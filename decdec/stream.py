@@ -162,7 +162,7 @@ class _Work:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_file.close()
-            raise RuntimeError(f"{self.root} is in use by another streaming run") from None
+            raise OSError(f"{self.root} is in use by another streaming run (its lock is held)") from None
         self.journal = {"journal_version": JOURNAL_VERSION, "settings": settings, "files": {},
                         "blocks": {}, "resid": {}}
         if not fresh and self.journal_path.exists():
