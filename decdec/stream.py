@@ -165,10 +165,14 @@ class _Work:
             raise OSError(f"{self.root} is in use by another streaming run (its lock is held)") from None
         self.journal = {"journal_version": JOURNAL_VERSION, "settings": settings, "files": {},
                         "blocks": {}, "resid": {}}
-        if not fresh and self.journal_path.exists():
-            self._read_journal()
-        self._mutex = threading.Lock()
-        self.write_journal()
+        try:
+            if not fresh and self.journal_path.exists():
+                self._read_journal()
+            self._mutex = threading.Lock()
+            self.write_journal()
+        except BaseException:
+            self.close()
+            raise
 
     def _read_journal(self):
         p = self.journal_path
