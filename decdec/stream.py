@@ -74,7 +74,7 @@ from .pipeline import (CALIB_CONTEXT, DEFAULT_CALIB_WINDOWS, GramCollector, Thre
 
 JOURNAL = "journal.json"
 JOURNAL_VERSION = 1
-_EMB_CHUNK_ELEMS = 1 << 23      # embedding rows read / written per chunk: 8M values (32 MB f32)
+_EMB_CHUNK_ELEMS = 1 << 20      # embedding rows read / written per chunk: 1M values (4 MB f32)
 
 
 def peak_rss_bytes() -> int:
@@ -97,10 +97,6 @@ class StreamResult:
     peak_rss_bytes: int
     skipped_blocks: list = field(default_factory=list)   # finished in an earlier run, verified
     redone_blocks: list = field(default_factory=list)    # journaled earlier but failed their check
-
-
-class _Stop(Exception):
-    pass
 
 
 def _per_block_bits(bits, n_layers: int) -> list[int]:

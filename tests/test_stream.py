@@ -7,9 +7,10 @@ equal arrays. The checkpoint is the tiny random Llama of tiny_llama.py written a
 into many safetensors files, with its byte tokenizer.
 """
 import json
+import os
 import subprocess
 import sys
-import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,3 +253,44 @@ def test_cli_stream(hf_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "peak RSS" in r.stdout and "stream: quantize RTN + thresholds" in r.stderr
     assert artifacts.load(out).bits_per_layer == [4] * 4
+
+
+_RSS_SCRIPT = r"""
+import json, sys
+import numpy as np
+from decdec import stream, loaders, hfwrite  # noqa: F401 -- import cost is not the run's
+import safetensors.numpy, tokenizers, tqdm.auto, zipfile  # noqa: F401
+from decdec.stream import current_rss_bytes
+before = current_rss_bytes()
+after_block = []
+r = stream.stream_quantize(sys.argv[1], sys.argv[2], 4, method="rtn", progress=False,
+                           calib_tokens=np.arange(1024) % 4096, n_windows=2, workers=1,
+                           on_block_done=lambda l: after_block.append(current_rss_bytes() - before))
+print(json.dumps({"grew": r.peak_rss_bytes - before, "after_block": after_block}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_is_blocks_not_model(tmp_path):
+    """A 16-block synthetic model (~108 MB as float32), in a fresh process so the peak is this
+    run's: the resident set stays flat from block to block (it does not grow with the blocks done:
+    each block's weights are freed), and its peak stays below the model's float32 size (the
+    in-memory path holds all of it, plus every block's statistics). Measured: ~45 MB above the
+    process's start after every block, 73 MB peak (allocator arenas keep some freed memory)."""
+    from decdec.model import LlamaConfig
+    c = LlamaConfig(dim=384, n_layers=16, n_heads=6, n_kv_heads=2, head_dim=64, ffn_dim=1024,
+                    vocab_size=4096, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False,
+                    max_seq_len=2048, bos_id=1, eos_id=2)
+    ckpt = hfwrite.write_random_hf(tmp_path / "ckpt", c, max_shard_bytes=20 << 20)
+    per_block = 4 * (2 * 384 * 384 + 2 * 384 * 128 + 3 * 384 * 1024)
+    model_f32 = 16 * per_block + 2 * 4 * 4096 * 384
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(ckpt), str(tmp_path / "q")],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    rss = m["after_block"]
+    assert len(rss) == 16
+    assert max(rss[4:]) - max(rss[:4]) < 2 * per_block, [x >> 20 for x in rss]
+    assert m["grew"] < model_f32, (m["grew"], model_f32)
