@@ -416,6 +416,7 @@ def stream_quantize(source, out_dir, bits=3, *, method: str = "awq", group_size:
         skipped = [l for l, s in enumerate(status) if s]
         redone = [l for l, s in enumerate(status) if s is False]
         todo = [l for l, s in enumerate(status) if not s]
+        todo_set = set(todo)
         t0 = time.time()
         top_files = ["embeddings.npy"] + ([] if ck.head_tied else ["lm_head.npy"]) + ["norm.npy"]
         need = {r for r in top_files if not work.file_done(r)}
@@ -456,7 +457,7 @@ def stream_quantize(source, out_dir, bits=3, *, method: str = "awq", group_size:
                 for l in range(start, n_layers):
                     t0 = time.time()
                     layer = ck.layer(l)
-                    if l not in todo:
+                    if l not in todo_set:
                         h = run_block(l, layer, h, None)      # finished: only advance the stream
                     else:
                         hook = GramCollector() if method == "awq" else None
@@ -464,11 +465,11 @@ def stream_quantize(source, out_dir, bits=3, *, method: str = "awq", group_size:
                         h = run_block(l, layer, h_in, hook)
                         stats_layer = (hook.stats(sum(len(w) for w in windows)).layer(l)
                                        if hook is not None else None)
-                    if l + 1 < n_layers and (l + 1) in todo:
+                    if l + 1 < n_layers and (l + 1) in todo_set:
                         work.save_resid(l + 1, h)
                     add_time("forward", t0)
                     fwd_bar.update(1)
-                    if l in todo:
+                    if l in todo_set:
                         while len(pending) >= workers:
                             done_set, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                             collect(done_set)
@@ -495,6 +496,9 @@ def stream_quantize(source, out_dir, bits=3, *, method: str = "awq", group_size:
         files = {rel: {"sha256": rec["sha256"], "bytes": rec["bytes"]} for rel, rec in records}
         if tok_meta is not None:
             files["tokenizer.json"] = artifacts.file_record(work.art / "tokenizer.json")
+        for p in sorted(work.art.rglob("*")):   # e.g. a .tmp of a job a crash cut short
+            if p.is_file() and p.relative_to(work.art).as_posix() not in files:
+                p.unlink()
         for rel in list(files):      # the manifest lists what is there: check once more
             if not work._ok(work.art / rel, files[rel]):
                 raise ArtifactError(f"{work.art / rel} changed during the run; rerun with resume=True")
