@@ -78,8 +78,20 @@ _EMB_CHUNK_ELEMS = 1 << 20      # embedding rows read / written per chunk: 1M va
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss; Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak resident set size of this process so far: VmHWM of /proc/self/status where there is
+    one. Not ru_maxrss first: Linux carries it across fork + exec, so a child started by a big
+    process (a test runner) reports its parent's peak; VmHWM belongs to the address space, which
+    exec replaces."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import sys
+    rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return rss if sys.platform == "darwin" else rss * 1024      # macOS: bytes; Linux: KiB
 
 
 def current_rss_bytes() -> int:
