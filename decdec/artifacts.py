@@ -52,10 +52,161 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that the names created in it survive a crash (POSIX only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    """np.save of arr to path, fsynced."""
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class NpyRowWriter:
+    """Writes a C-ordered .npy file of a known shape row chunk by row chunk, so that a large matrix
+    (the embeddings of an 8B model) never has to be held whole. The bytes are those np.save writes
+    for the whole array. Use as a context manager; write(chunk) in row order; fsynced on close."""
+
+    def __init__(self, path: Path, shape: tuple, dtype=np.float32):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+
+    def __enter__(self):
+        self.f = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self.f, header)
+        return self
+
+    def write(self, chunk: np.ndarray) -> None:
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        if chunk.shape[1:] != self.shape[1:] or self.rows + len(chunk) > self.shape[0]:
+            raise ValueError(f"{self.path.name}: chunk {chunk.shape} does not continue an array of "
+                             f"shape {self.shape} at row {self.rows}")
+        self.f.write(chunk.tobytes())
+        self.rows += len(chunk)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                if self.rows != self.shape[0]:
+                    raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")
+                self.f.flush()
+                os.fsync(self.f.fileno())
+        finally:
+            self.f.close()
+        return False
+
+
+# Every member of a block archive gets this timestamp (np.savez stamps the current time), so that
+# the same arrays give the same bytes and sha256: a resumed or repeated run is byte-identical.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def block_arrays(b) -> dict:
+    """The arrays of one QuantizedBlock, keyed as blocks/block_NNN.npz stores them."""
+    from .awq import INPUT_KINDS
+    arrays = {"attn_norm": b.attn_norm, "ffn_norm": b.ffn_norm}
+    for kind in INPUT_KINDS:
+        arrays[f"scale.{kind}"] = b.scales.of_input(kind)
+    for k, v in b.biases.items():
+        arrays[f"bias.{k}"] = v
+    for name, ql in b.linears.items():
+        if ql.thresholds is None:
+            raise ValueError(f"block linear {name} has no thresholds (calibrate before saving)")
+        arrays[f"{name}.qweight"] = ql.qweight.qweight
+        arrays[f"{name}.scales"] = ql.qweight.scales
+        arrays[f"{name}.zeros"] = ql.qweight.zeros
+        arrays[f"{name}.rcodes"] = ql.cheatsheet.codes
+        arrays[f"{name}.rscales"] = ql.cheatsheet.scales
+        arrays[f"{name}.thresholds"] = ql.thresholds
+    return arrays
+
+
+def write_block(path: Path, block) -> None:
+    """One decoder block as an uncompressed .npz (what np.savez writes, with fixed member
+    timestamps), fsynced."""
+    import zipfile
+    with open(path, "wb") as f:
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, arr in block_arrays(block).items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_STORED
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def block_file(l: int) -> str:
+    return f"blocks/block_{l:03d}.npz"
+
+
+def write_tokenizer(tok, directory: Path):
+    """tokenizer.json into directory; returns the manifest's tokenizer settings (None if no tok)."""
+    if tok is None:
+        return None
+    _fsync_write(directory / "tokenizer.json", tok.backend.to_str().encode("utf-8"))
+    return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": bool(tok.add_bos),
+            "eos_ids": sorted(int(i) for i in tok.stop_ids), "chat_template": tok.chat_template}
+
+
+def file_record(path: Path) -> dict:
+    """{sha256, bytes} of a file, as the manifest lists it."""
+    return {"sha256": _sha256(path), "bytes": Path(path).stat().st_size}
+
+
+def write_manifest(directory: Path, *, config, method: str, group_size: int, bits_per_layer,
+                   tied: bool, awq_alphas, calibration: dict, tokenizer, files: dict) -> None:
+    """manifest.json (fsynced) from its parts; files: {relative path: file_record}."""
+    from . import __version__
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "decdec_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": dataclasses.asdict(config),
+        "method": method,
+        "group_size": group_size,
+        "bits_per_layer": list(bits_per_layer),
+        "tied_embeddings": tied,
+        "awq_alphas": list(awq_alphas),
+        "calibration": calibration,
+        "tokenizer": tokenizer,
+        "files": files,
+    }
+    _fsync_write(directory / MANIFEST,
+                 (json.dumps(manifest, indent=1, default=_json_default) + "\n").encode())
+
+
+def commit(tmp: Path, directory: Path) -> None:
+    """Rename the finished temporary directory tmp into place as directory (atomically; an old
+    directory there is moved aside first and removed last)."""
+    _fsync_dir(tmp)
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save(qm, directory, *, overwrite: bool = False) -> Path:
     """Write QuantizedModel qm to `directory` atomically. Returns the directory path."""
-    from . import __version__
-    from .awq import INPUT_KINDS
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
@@ -64,71 +215,27 @@ def save(qm, directory, *, overwrite: bool = False) -> Path:
     tmp.mkdir()
     try:
         files = []
-        def save_npy(rel, arr):
-            p = tmp / rel
-            with open(p, "wb") as f:
-                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            files.append(rel)
-
-        save_npy("embeddings.npy", qm.tok_embeddings)
+        write_npy(tmp / "embeddings.npy", qm.tok_embeddings)
+        files.append("embeddings.npy")
         tied = qm.lm_head is qm.tok_embeddings
         if not tied:
-            save_npy("lm_head.npy", qm.lm_head)
-        save_npy("norm.npy", qm.norm)
+            write_npy(tmp / "lm_head.npy", qm.lm_head)
+            files.append("lm_head.npy")
+        write_npy(tmp / "norm.npy", qm.norm)
+        files.append("norm.npy")
         (tmp / "blocks").mkdir()
         for l, b in enumerate(qm.blocks):
-            arrays = {"attn_norm": b.attn_norm, "ffn_norm": b.ffn_norm}
-            for kind in INPUT_KINDS:
-                arrays[f"scale.{kind}"] = b.scales.of_input(kind)
-            for k, v in b.biases.items():
-                arrays[f"bias.{k}"] = v
-            for name, ql in b.linears.items():
-                arrays[f"{name}.qweight"] = ql.qweight.qweight
-                arrays[f"{name}.scales"] = ql.qweight.scales
-                arrays[f"{name}.zeros"] = ql.qweight.zeros
-                arrays[f"{name}.rcodes"] = ql.cheatsheet.codes
-                arrays[f"{name}.rscales"] = ql.cheatsheet.scales
-                arrays[f"{name}.thresholds"] = ql.thresholds
-            rel = f"blocks/block_{l:03d}.npz"
-            with open(tmp / rel, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            files.append(rel)
-        tok_meta = None
-        if qm.tokenizer is not None:
-            t = qm.tokenizer
-            _fsync_write(tmp / "tokenizer.json", t.backend.to_str().encode("utf-8"))
+            write_block(tmp / block_file(l), b)
+            files.append(block_file(l))
+        tok_meta = write_tokenizer(qm.tokenizer, tmp)
+        if tok_meta is not None:
             files.append("tokenizer.json")
-            tok_meta = {"bos_id": t.bos_id, "eos_id": t.eos_id, "add_bos": bool(t.add_bos),
-                        "eos_ids": sorted(int(i) for i in t.stop_ids), "chat_template": t.chat_template}
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "decdec_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": dataclasses.asdict(qm.config),
-            "method": qm.method,
-            "group_size": qm.group_size,
-            "bits_per_layer": qm.bits_per_layer,
-            "tied_embeddings": tied,
-            "awq_alphas": [b.scales.alphas for b in qm.blocks],
-            "calibration": qm.calibration,
-            "tokenizer": tok_meta,
-            "files": {rel: {"sha256": _sha256(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-                      for rel in files},
-        }
-        _fsync_write(tmp / MANIFEST, (json.dumps(manifest, indent=1, default=_json_default) + "\n").encode())
-        # Swap into place: the old directory (if any) is moved aside first, removed last.
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        write_manifest(tmp, config=qm.config, method=qm.method, group_size=qm.group_size,
+                       bits_per_layer=qm.bits_per_layer, tied=tied,
+                       awq_alphas=[b.scales.alphas for b in qm.blocks],
+                       calibration=qm.calibration, tokenizer=tok_meta,
+                       files={rel: file_record(tmp / rel) for rel in files})
+        commit(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

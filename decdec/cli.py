@@ -48,8 +48,36 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_quantize_stream(args) -> int:
+    from . import stream
+    if args.model is None or not Path(args.model).expanduser().is_dir():
+        raise SystemExit(f"decdec: quantize --stream reads a Hugging Face safetensors directory "
+                         f"(--model DIR), got {args.model or 'the default SmolLM2 GGUF'}; convert a "
+                         f"GGUF with bench/scale.py convert")
+    calib = _read_text(args.calib_text)
+    r = stream.stream_quantize(args.model, args.out, args.bits, method=args.method,
+                               group_size=args.group_size, calib_tokens=calib,
+                               n_windows=args.calib_windows, resume=args.resume,
+                               overwrite=args.overwrite, workers=args.workers)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
+    print(f"saved {args.bits}-bit {args.method.upper()} (streamed) to {r.path}")
+    if r.skipped_blocks:
+        print(f"resumed: blocks {r.skipped_blocks} were finished and verified")
+    print(f"time: {stages}; peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from . import artifacts, pipeline
+    if args.resume and not args.stream:
+        print("decdec: error: --resume continues an interrupted --stream run; add --stream "
+              "(the in-memory quantizer keeps no journal to resume from)", file=sys.stderr)
+        return 2
+    if args.workers is not None and not args.stream:
+        print("decdec: error: --workers applies to --stream only", file=sys.stderr)
+        return 2
+    if args.stream:
+        return cmd_quantize_stream(args)
     weights, tok = _load_source(args.model)
     calib = tok.encode(_read_text(args.calib_text))
     qm = pipeline.quantize_model(weights, calib, args.bits, method=args.method,
@@ -290,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-windows", type=int, default=16, help="windows of 512 tokens")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--stream", action="store_true",
+                   help="quantize block by block from a Hugging Face safetensors directory "
+                        "(memory: a few blocks, not the model); bits 3 or 4")
+    s.add_argument("--resume", action="store_true",
+                   help="with --stream: continue an interrupted run of the same settings")
+    s.add_argument("--workers", type=int, default=None,
+                   help="with --stream: blocks quantized at once (default min(2, CPUs))")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity (and KL / top-1) of an artifact on a text file")

@@ -535,6 +535,192 @@ def _hf_config(cfg: dict, source: str) -> LlamaConfig:
         sliding_window=sliding or None, attn_bias=attn_bias)
 
 
+_HF_EMBED, _HF_NORM, _HF_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint directory opened lazily: config.json, the index and every shard's
+    tensor table are read and checked at once; tensors are read one at a time, when asked for.
+
+    load_hf reads everything through this; decdec.stream reads it block by block, so peak memory
+    is one block, not the model. Shards are not kept open (mapped) between reads: pages of a file
+    mapping that was read count in the process's resident set for as long as it stays mapped.
+    A missing config.json or shard raises FileNotFoundError; anything corrupt, inconsistent or
+    unsupported raises ValueError naming the file and the problem.
+    """
+
+    def __init__(self, directory: str | Path):
+        try:
+            from safetensors import safe_open
+        except ImportError as e:
+            raise ImportError("reading Hugging Face checkpoints needs the PyPI package `safetensors`") from e
+        self._safe_open = safe_open
+        directory = Path(directory)
+        self.directory = directory
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found")
+        self.cfg = cfg = _read_json(cfg_path, "config.json")
+        config = _hf_config(cfg, str(directory))
+        try:
+            config.validate()
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: inconsistent hyperparameters: {e}") from None
+        self.config = config
+
+        index_path = directory / "model.safetensors.index.json"
+        if index_path.is_file():
+            index = _read_json(index_path, "safetensors index")
+            weight_map = index.get("weight_map", {}) if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError(f"{index_path}: weight_map must map tensor names to file names")
+            files = sorted(set(weight_map.values()))
+            for fname in files:
+                if Path(fname).name != fname or fname in ("", ".", ".."):
+                    raise ValueError(f"{index_path}: weight_map names {fname!r:.80}, not a file of "
+                                     f"this directory")
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no *.safetensors files (.bin is unsupported)")
+        self.files = files
+
+        where = {}
+        for fname in files:
+            fpath = directory / fname
+            if not fpath.is_file():
+                raise FileNotFoundError(f"{fpath} listed in the index but missing")
+            # safetensors checks the header and that every tensor's byte range lies inside the file.
+            try:
+                with safe_open(str(fpath), framework="np") as handle:
+                    keys = list(handle.keys())
+            except Exception as e:  # noqa: BLE001 -- SafetensorError derives from Exception only
+                raise ValueError(f"{fpath} is not a readable safetensors file: {e}") from e
+            for key in keys:
+                if key in where:
+                    raise ValueError(f"{directory}: tensor {key} is stored twice ({where[key]} and "
+                                     f"{fname})")
+                where[key] = fname
+        self.where = where
+        c = config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        self.shapes = {"wq": (q, c.dim), "wk": (kv, c.dim), "wv": (kv, c.dim), "wo": (c.dim, q),
+                       "w_gate": (c.ffn_dim, c.dim), "w_up": (c.ffn_dim, c.dim),
+                       "w_down": (c.dim, c.ffn_dim)}
+        if not c.tie_embeddings and _HF_HEAD not in where:
+            raise ValueError(f"{directory}: lm_head.weight missing and tie_word_embeddings false")
+
+    @property
+    def head_tied(self) -> bool:
+        """True when the head is the embedding matrix (tied, or no lm_head.weight stored)."""
+        return self.config.tie_embeddings or _HF_HEAD not in self.where
+
+    def _locate(self, name):
+        if name not in self.where:
+            raise ValueError(f"{self.directory}: tensor {name} missing")
+        return self.directory / self.where[name]
+
+    def read(self, name: str, shape) -> np.ndarray:
+        """Tensor `name` as a float32 array of `shape`, checked (shape, float dtype, finite)."""
+        fpath = self._locate(name)
+        try:
+            handle_cm = self._safe_open(str(fpath), framework="np")
+        except Exception as e:  # noqa: BLE001 -- the file changed since it was opened
+            raise ValueError(f"{fpath} is not a readable safetensors file: {e}") from e
+        with handle_cm as handle:
+            arr = _safetensors_get(handle, name, fpath)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{fpath}: tensor {name} has shape {arr.shape}, expected {shape}")
+            if arr.dtype.kind != "f":
+                raise ValueError(f"{fpath}: tensor {name} has dtype {arr.dtype}, expected a float "
+                                 f"dtype (F32, F16 or BF16)")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{fpath}: tensor {name} holds NaN or Inf values")
+        return arr
+
+    def read_rows(self, name: str, shape, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of the 2-D tensor `name` (of `shape`) as float32, read with plain file
+        reads (no mapping of the whole tensor), checked like read()."""
+        fpath = self._locate(name)
+        dtype, tshape, begin, end, data_start = _safetensors_entry(fpath, name)
+        if tshape != tuple(shape):
+            raise ValueError(f"{fpath}: tensor {name} has shape {tshape}, expected {tuple(shape)}")
+        if dtype not in _ST_FLOAT:
+            raise ValueError(f"{fpath}: tensor {name} has dtype {dtype}, expected a float "
+                             f"dtype (F32, F16 or BF16)")
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"rows {start}..{stop} outside tensor {name} of {shape[0]} rows")
+        np_dtype = np.dtype(_ST_FLOAT[dtype])
+        row = int(np.prod(shape[1:], dtype=np.int64)) * np_dtype.itemsize
+        with open(fpath, "rb") as f:
+            f.seek(data_start + begin + start * row)
+            raw = f.read((stop - start) * row)
+        if len(raw) != (stop - start) * row:
+            raise ValueError(f"{fpath}: tensor {name} is truncated (file changed while reading?)")
+        arr = np.frombuffer(raw, dtype=np_dtype).reshape((stop - start,) + tuple(shape[1:]))
+        if dtype == "BF16":   # bfloat16 is the top half of a float32
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{fpath}: tensor {name} holds NaN or Inf values")
+        return arr
+
+    def layer(self, i: int) -> dict:
+        """Block i's float32 weights: norms, LINEAR_NAMES and (Qwen2) q/k/v biases."""
+        c = self.config
+        if not 0 <= i < c.n_layers:
+            raise ValueError(f"block {i} outside 0..{c.n_layers - 1}")
+        p = f"model.layers.{i}."
+        layer = {"attn_norm": self.read(p + "input_layernorm.weight", (c.dim,)),
+                 "ffn_norm": self.read(p + "post_attention_layernorm.weight", (c.dim,))}
+        for name in LINEAR_NAMES:
+            layer[name] = self.read(p + _HF_LINEAR[name] + ".weight", self.shapes[name])
+        if c.attn_bias:
+            for name, bias in BIAS_NAMES.items():
+                layer[bias] = self.read(p + _HF_LINEAR[name] + ".bias", (self.shapes[name][0],))
+        return layer
+
+    def norm(self) -> np.ndarray:
+        return self.read(_HF_NORM, (self.config.dim,))
+
+    def embedding_rows(self, start: int, stop: int, head: bool = False) -> np.ndarray:
+        """Rows of the token embeddings (or of the untied head) as float32."""
+        c = self.config
+        name = _HF_HEAD if head and not self.head_tied else _HF_EMBED
+        return self.read_rows(name, (c.vocab_size, c.dim), start, stop)
+
+    def tokenizer(self):
+        """The directory's Tokenizer, or None when it has no tokenizer.json."""
+        if not (self.directory / "tokenizer.json").is_file():
+            return None
+        tok = Tokenizer.from_dir(self.directory, bos_id=self.cfg.get("bos_token_id"),
+                                 eos_id=self.cfg.get("eos_token_id"))
+        if tok.vocab_size > self.config.vocab_size:
+            raise ValueError(f"{self.directory / 'tokenizer.json'}: {tok.vocab_size} tokens, more "
+                             f"than the model's vocab_size {self.config.vocab_size}")
+        return tok
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json, the index and every shard's name, size and header bytes: what
+        a resumed run checks to know it reads the checkpoint it started on (tensor data is not
+        hashed: that would read the whole model)."""
+        import hashlib
+        h = hashlib.sha256()
+        for extra in ("config.json", "model.safetensors.index.json"):
+            p = self.directory / extra
+            if p.is_file():
+                h.update(extra.encode() + b"\0" + p.read_bytes())
+        for fname in self.files:
+            p = self.directory / fname
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = f.read(min(n, 1 << 27))
+            h.update(f"{fname}\0{p.stat().st_size}\0".encode() + header)
+        return h.hexdigest()
+
+
 def load_hf(directory: str | Path, *, tokenizer: bool = True):
     """Read a Hugging Face Llama/Mistral/Qwen2 checkpoint directory.
 
@@ -544,107 +730,51 @@ def load_hf(directory: str | Path, *, tokenizer: bool = True):
     unsupported (bad JSON, lying safetensors headers, wrong dtypes or shapes, NaN/Inf weights)
     raises ValueError naming the file and the problem.
     """
-    try:
-        from safetensors import safe_open
-    except ImportError as e:
-        raise ImportError("load_hf needs the PyPI package `safetensors`") from e
-    directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found")
-    cfg = _read_json(cfg_path, "config.json")
-    config = _hf_config(cfg, str(directory))
-    try:
-        config.validate()
-    except ValueError as e:
-        raise ValueError(f"{cfg_path}: inconsistent hyperparameters: {e}") from None
-
-    index_path = directory / "model.safetensors.index.json"
-    if index_path.is_file():
-        index = _read_json(index_path, "safetensors index")
-        weight_map = index.get("weight_map", {}) if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-            raise ValueError(f"{index_path}: weight_map must map tensor names to file names")
-        files = sorted(set(weight_map.values()))
-        for fname in files:
-            if Path(fname).name != fname or fname in ("", ".", ".."):
-                raise ValueError(f"{index_path}: weight_map names {fname!r:.80}, not a file of "
-                                 f"this directory")
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files (.bin is unsupported)")
-
-    # Open every shard lazily; read each tensor once, converting to float32.
-    handles = {}
-    where = {}
-    for fname in files:
-        fpath = directory / fname
-        if not fpath.is_file():
-            raise FileNotFoundError(f"{fpath} listed in the index but missing")
-        # safetensors checks the header and that every tensor's byte range lies inside the file.
-        try:
-            handles[fname] = safe_open(str(fpath), framework="np")
-            keys = list(handles[fname].keys())
-        except Exception as e:  # noqa: BLE001 -- SafetensorError derives from Exception only
-            raise ValueError(f"{fpath} is not a readable safetensors file: {e}") from e
-        for key in keys:
-            if key in where:
-                raise ValueError(f"{directory}: tensor {key} is stored twice ({where[key]} and "
-                                 f"{fname})")
-            where[key] = fname
-
-    def read(name, shape):
-        if name not in where:
-            raise ValueError(f"{directory}: tensor {name} missing")
-        fpath = directory / where[name]
-        arr = _safetensors_get(handles[where[name]], name, fpath)
-        if arr.shape != tuple(shape):
-            raise ValueError(f"{fpath}: tensor {name} has shape {arr.shape}, expected {shape}")
-        if arr.dtype.kind != "f":
-            raise ValueError(f"{fpath}: tensor {name} has dtype {arr.dtype}, expected a float "
-                             f"dtype (F32, F16 or BF16)")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{fpath}: tensor {name} holds NaN or Inf values")
-        return arr
-
-    c = config
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = {"wq": (q, c.dim), "wk": (kv, c.dim), "wv": (kv, c.dim), "wo": (c.dim, q),
-              "w_gate": (c.ffn_dim, c.dim), "w_up": (c.ffn_dim, c.dim),
-              "w_down": (c.dim, c.ffn_dim)}
-    tok_embeddings = read("model.embed_tokens.weight", (c.vocab_size, c.dim))
-    layers = []
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        layer = {"attn_norm": read(p + "input_layernorm.weight", (c.dim,)),
-                 "ffn_norm": read(p + "post_attention_layernorm.weight", (c.dim,))}
-        for name in LINEAR_NAMES:
-            layer[name] = read(p + _HF_LINEAR[name] + ".weight", shapes[name])
-        if c.attn_bias:
-            for name, bias in BIAS_NAMES.items():
-                layer[bias] = read(p + _HF_LINEAR[name] + ".bias", (shapes[name][0],))
-        layers.append(layer)
-    norm = read("model.norm.weight", (c.dim,))
-    if c.tie_embeddings or "lm_head.weight" not in where:
-        if not c.tie_embeddings:
-            raise ValueError(f"{directory}: lm_head.weight missing and tie_word_embeddings false")
-        lm_head = tok_embeddings
-    else:
-        lm_head = read("lm_head.weight", (c.vocab_size, c.dim))
-    weights = LlamaWeights(config=config, tok_embeddings=tok_embeddings, layers=layers,
+    ck = HFCheckpoint(directory)
+    c = ck.config
+    tok_embeddings = ck.read(_HF_EMBED, (c.vocab_size, c.dim))
+    layers = [ck.layer(i) for i in range(c.n_layers)]
+    norm = ck.norm()
+    lm_head = tok_embeddings if ck.head_tied else ck.read(_HF_HEAD, (c.vocab_size, c.dim))
+    weights = LlamaWeights(config=c, tok_embeddings=tok_embeddings, layers=layers,
                            norm=norm, lm_head=lm_head)
     weights.validate()
-    tok = None
-    if tokenizer and (directory / "tokenizer.json").is_file():
-        tok = Tokenizer.from_dir(directory, bos_id=cfg.get("bos_token_id"),
-                                 eos_id=cfg.get("eos_token_id"))
-        if tok.vocab_size > c.vocab_size:
-            raise ValueError(f"{directory / 'tokenizer.json'}: {tok.vocab_size} tokens, more "
-                             f"than the model's vocab_size {c.vocab_size}")
+    tok = ck.tokenizer() if tokenizer else None
     return weights, tok
+
+
+_ST_FLOAT = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+
+
+def _safetensors_entry(path: Path, name: str):
+    """(dtype, shape, begin, end, data_start) of tensor `name` from a safetensors header, checked
+    against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            raise ValueError(f"{path}: safetensors header length {header_len} exceeds the file")
+        try:
+            info = json.loads(f.read(header_len)).get(name)
+        except (ValueError, AttributeError, RecursionError):
+            info = None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: tensor {name} has no readable header entry")
+    try:
+        dtype = str(info["dtype"])
+        begin, end = (int(v) for v in info["data_offsets"])
+        shape = tuple(int(d) for d in info["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {name} has a malformed header entry") from None
+    n = 1
+    for d in shape:
+        n *= d
+    item = np.dtype(_ST_FLOAT.get(dtype, "u1")).itemsize
+    if not 0 <= begin <= end or 8 + header_len + end > size or min(shape, default=1) < 0 or \
+            (dtype in _ST_FLOAT and end - begin != item * n):
+        raise ValueError(f"{path}: tensor {name}: header says {dtype} {list(shape)} at bytes "
+                         f"{begin}..{end}, which does not fit the {size}-byte file")
+    return dtype, shape, begin, end, 8 + header_len
 
 
 def _safetensors_get(handle, name, path) -> np.ndarray:

@@ -181,6 +181,89 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-np.clip(x, -88.0, 88.0)))
 
 
+
+def rope_tables(inv_freq: np.ndarray, n: int):
+    """(cos, sin) float32 [n, head_dim/2] for positions 0..n-1."""
+    # Angles in float64 then cast: position * inv_freq loses digits in float32 far out.
+    angles = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def attention_mask(config: LlamaConfig, start: int, end: int) -> np.ndarray:
+    """Additive causal mask [end - start, end]: query t (absolute start+t) sees keys j <= start+t
+    (and, with a sliding window, only the last sliding_window of them)."""
+    q_pos = np.arange(start, end)[:, None]
+    k_pos = np.arange(end)[None, :]
+    visible = k_pos <= q_pos
+    if config.sliding_window is not None:
+        visible &= (q_pos - k_pos) < config.sliding_window
+    return np.where(visible, np.float32(0.0), np.float32(-np.inf))
+
+
+def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    # x [H, T, hd]; rotate-half form: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = np.empty_like(x)
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:] = x2 * cos + x1 * sin
+    return out
+
+
+def block_forward(c: LlamaConfig, i: int, layer: dict, linears: Mapping, h: np.ndarray,
+                  cos: np.ndarray, sin: np.ndarray, mask: np.ndarray, hook: Hook | None = None,
+                  cache: "KVCache | None" = None, start: int = 0, end: int | None = None) -> np.ndarray:
+    """Decoder block i on the residual stream h [T, D]; returns the new h.
+
+    layer: the block's norms (and biases); linears: {(i, name): object with forward(x)}. The one
+    block computation shared by LlamaModel.forward and the block-by-block streaming quantizer
+    (decdec.stream), so that both see bit-identical activations.
+    """
+    T = h.shape[0]
+    end = start + T if end is None else end
+    H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    group = H // Hkv
+    scale = np.float32(1.0 / math.sqrt(hd))
+
+    def linear(name, x):
+        if hook is not None:
+            hook(i, name, x)
+        y = np.asarray(linears[(i, name)].forward(x), dtype=np.float32)
+        bias_name = BIAS_NAMES.get(name)
+        if c.attn_bias and bias_name is not None:
+            y = y + layer[bias_name]
+        return y
+
+    x = _rms_norm(h, layer["attn_norm"], c.norm_eps)
+    q = linear("wq", x).reshape(T, H, hd).transpose(1, 0, 2)
+    k = linear("wk", x).reshape(T, Hkv, hd).transpose(1, 0, 2)
+    v = linear("wv", x).reshape(T, Hkv, hd).transpose(1, 0, 2)
+    q = _apply_rope(q, cos, sin)
+    k = _apply_rope(k, cos, sin)
+    if cache is not None:
+        cache.k[i, :, start:end] = k
+        cache.v[i, :, start:end] = v
+        keys, values = cache.k[i, :, :end], cache.v[i, :, :end]
+    else:
+        keys, values = k, v
+    # Grouped-query attention: the `group` query heads sharing a KV head are stacked
+    # along the row axis, so one batched matmul per KV head does all of them.
+    qg = q.reshape(Hkv, group * T, hd)
+    scores = (qg @ keys.transpose(0, 2, 1)) * scale          # [Hkv, group*T, end]
+    scores = scores.reshape(Hkv, group, T, end) + mask
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    attn = scores.reshape(Hkv, group * T, end) @ values      # [Hkv, group*T, hd]
+    attn = attn.reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
+    h = h + linear("wo", np.ascontiguousarray(attn))
+
+    x = _rms_norm(h, layer["ffn_norm"], c.norm_eps)
+    gate = linear("w_gate", x)
+    up = linear("w_up", x)
+    return h + linear("w_down", _silu(gate) * up)
+
+
 class LlamaModel:
     """forward(tokens [T], cache=None, hook=None) -> logits float32 [T, V].
 
@@ -223,31 +306,9 @@ class LlamaModel:
     def _rope_tables(self, end: int):
         if end > self._rope_cache_len:
             n = max(end, 2 * self._rope_cache_len, 256)
-            # Angles in float64 then cast: position * inv_freq loses digits in float32 far out.
-            angles = np.arange(n, dtype=np.float64)[:, None] * self._inv_freq[None, :]
-            self._cos = np.cos(angles).astype(np.float32)
-            self._sin = np.sin(angles).astype(np.float32)
+            self._cos, self._sin = rope_tables(self._inv_freq, n)
             self._rope_cache_len = n
         return self._cos, self._sin
-
-    def _apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        # x [H, T, hd]; rotate-half form: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        out = np.empty_like(x)
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half:] = x2 * cos + x1 * sin
-        return out
-
-    def _linear(self, i: int, name: str, x: np.ndarray, hook: Hook | None) -> np.ndarray:
-        if hook is not None:
-            hook(i, name, x)
-        y = self.linears[(i, name)].forward(x)
-        y = np.asarray(y, dtype=np.float32)
-        bias_name = BIAS_NAMES.get(name)
-        if self.config.attn_bias and bias_name is not None:
-            y = y + self.weights.layers[i][bias_name]
-        return y
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens, cache: KVCache | None = None, hook: Hook | None = None) -> np.ndarray:
@@ -271,48 +332,12 @@ class LlamaModel:
 
         cos_all, sin_all = self._rope_tables(end)
         cos, sin = cos_all[start:end], sin_all[start:end]          # [T, hd/2]
-        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-        group = H // Hkv
-        scale = np.float32(1.0 / math.sqrt(hd))
 
-        # Additive causal mask [T, end]: query t (absolute start+t) sees keys j <= start+t.
-        q_pos = np.arange(start, end)[:, None]
-        k_pos = np.arange(end)[None, :]
-        visible = k_pos <= q_pos
-        if c.sliding_window is not None:
-            visible &= (q_pos - k_pos) < c.sliding_window
-        mask = np.where(visible, np.float32(0.0), np.float32(-np.inf))
+        mask = attention_mask(c, start, end)
 
         h = self.weights.tok_embeddings[tokens]                     # [T, D] (a copy)
         for i, layer in enumerate(self.weights.layers):
-            x = _rms_norm(h, layer["attn_norm"], c.norm_eps)
-            q = self._linear(i, "wq", x, hook).reshape(T, H, hd).transpose(1, 0, 2)
-            k = self._linear(i, "wk", x, hook).reshape(T, Hkv, hd).transpose(1, 0, 2)
-            v = self._linear(i, "wv", x, hook).reshape(T, Hkv, hd).transpose(1, 0, 2)
-            q = self._apply_rope(q, cos, sin)
-            k = self._apply_rope(k, cos, sin)
-            if cache is not None:
-                cache.k[i, :, start:end] = k
-                cache.v[i, :, start:end] = v
-                keys, values = cache.k[i, :, :end], cache.v[i, :, :end]
-            else:
-                keys, values = k, v
-            # Grouped-query attention: the `group` query heads sharing a KV head are stacked
-            # along the row axis, so one batched matmul per KV head does all of them.
-            qg = q.reshape(Hkv, group * T, hd)
-            scores = (qg @ keys.transpose(0, 2, 1)) * scale          # [Hkv, group*T, end]
-            scores = scores.reshape(Hkv, group, T, end) + mask
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            attn = scores.reshape(Hkv, group * T, end) @ values      # [Hkv, group*T, hd]
-            attn = attn.reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
-            h = h + self._linear(i, "wo", np.ascontiguousarray(attn), hook)
-
-            x = _rms_norm(h, layer["ffn_norm"], c.norm_eps)
-            gate = self._linear(i, "w_gate", x, hook)
-            up = self._linear(i, "w_up", x, hook)
-            h = h + self._linear(i, "w_down", _silu(gate) * up, hook)
+            h = block_forward(c, i, layer, self.linears, h, cos, sin, mask, hook, cache, start, end)
 
         if cache is not None:
             cache.length = end

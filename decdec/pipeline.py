@@ -66,28 +66,66 @@ class CalibrationStats:
         return {k: (self.grams[(l, k)], self.abs_sums[(l, k)] / self.n_tokens) for k in INPUT_KINDS}
 
 
-def collect_gram_stats(model, windows, progress=True) -> CalibrationStats:
-    grams, abs_sums = {}, {}
+class GramCollector:
+    """A forward hook accumulating, per (layer, input kind), sum_t x x^T and sum_t |x| (float64)
+    in the order the hook sees the windows. Shared by the in-memory and the streaming pipeline so
+    that both sum in one order and give bit-identical statistics."""
 
-    def hook(l, name, x):
+    def __init__(self):
+        self.grams, self.abs_sums = {}, {}
+
+    def __call__(self, l, name, x):
         kind = _GROUP_LEADER.get(name)
         if kind is None:
             return
         x = np.asarray(x, dtype=np.float32)
         g = (x.T @ x).astype(np.float64)
         a = np.abs(x).sum(axis=0, dtype=np.float64)
-        if (l, kind) in grams:
-            grams[(l, kind)] += g
-            abs_sums[(l, kind)] += a
+        if (l, kind) in self.grams:
+            self.grams[(l, kind)] += g
+            self.abs_sums[(l, kind)] += a
         else:
-            grams[(l, kind)] = g
-            abs_sums[(l, kind)] = a
+            self.grams[(l, kind)] = g
+            self.abs_sums[(l, kind)] = a
 
+    def stats(self, n_tokens: int) -> CalibrationStats:
+        return CalibrationStats(self.grams, self.abs_sums, n_tokens)
+
+
+def collect_gram_stats(model, windows, progress=True) -> CalibrationStats:
+    hook = GramCollector()
     n = 0
     for w in _tqdm(windows, desc="calibration: activation statistics", disable=not progress):
         model.forward(w, hook=hook)
         n += len(w)
-    return CalibrationStats(grams, abs_sums, n)
+    return hook.stats(n)
+
+
+class ThresholdCollector:
+    """A forward hook feeding x / s to one ThresholdCalibrator per variant and (layer, input kind).
+
+    scale_sets: {variant: {layer: LayerScales}} (a list indexed by layer works too)."""
+
+    def __init__(self, scale_sets: dict):
+        self.scale_sets = scale_sets
+        self.cals = {v: {} for v in scale_sets}
+
+    def __call__(self, l, name, x):
+        from .calibrate import ThresholdCalibrator
+        kind = _GROUP_LEADER.get(name)
+        if kind is None:
+            return
+        x = np.asarray(x, dtype=np.float32)
+        for v, per_layer in self.scale_sets.items():
+            s = per_layer[l].of_input(kind)
+            cal = self.cals[v].get((l, kind))
+            if cal is None:
+                cal = self.cals[v][(l, kind)] = ThresholdCalibrator(x.shape[1])
+            cal.update(np.ascontiguousarray(x / s[None, :].astype(np.float32)))
+
+    def thresholds(self) -> dict:
+        return {v: {key: np.asarray(c.thresholds, dtype=np.float32) for key, c in d.items()}
+                for v, d in self.cals.items()}
 
 
 def collect_thresholds(model, windows, scale_sets: dict, progress=True) -> dict:
@@ -97,25 +135,10 @@ def collect_thresholds(model, windows, scale_sets: dict, progress=True) -> dict:
     the folded models compute the same function, their layer inputs are the reference's divided by s.
     Returns {variant: {(layer, kind): float32 [d]}}.
     """
-    from .calibrate import ThresholdCalibrator
-    cals = {v: {} for v in scale_sets}
-
-    def hook(l, name, x):
-        kind = _GROUP_LEADER.get(name)
-        if kind is None:
-            return
-        x = np.asarray(x, dtype=np.float32)
-        for v, per_layer in scale_sets.items():
-            s = per_layer[l].of_input(kind)
-            cal = cals[v].get((l, kind))
-            if cal is None:
-                cal = cals[v][(l, kind)] = ThresholdCalibrator(x.shape[1])
-            cal.update(np.ascontiguousarray(x / s[None, :].astype(np.float32)))
-
+    hook = ThresholdCollector(scale_sets)
     for w in _tqdm(windows, desc="calibration: thresholds", disable=not progress):
         model.forward(w, hook=hook)
-    return {v: {key: np.asarray(c.thresholds, dtype=np.float32) for key, c in d.items()}
-            for v, d in cals.items()}
+    return hook.thresholds()
 
 
 # ----------------------------------------------------------------------------------- quantized model
@@ -279,6 +302,42 @@ def _quantize_block(layer: dict, config, bits: int, group_size: int, method: str
     return scales, folded, pairs
 
 
+def quantize_block(layer: dict, config, bits: int, group_size: int, method: str,
+                   stats_layer: dict | None, alpha_grid=_awq.DEFAULT_ALPHA_GRID,
+                   clip_grid=_awq.DEFAULT_CLIP_GRID) -> QuantizedBlock:
+    """One decoder block quantized (thresholds still None: assign_thresholds sets them).
+
+    stats_layer: CalibrationStats.layer(l) for AWQ, None for RTN. The in-memory and the streaming
+    pipeline both call this, so a block comes out the same whichever path ran it."""
+    scales, folded, pairs = _quantize_block(layer, config, bits, group_size, method, stats_layer,
+                                            alpha_grid, clip_grid)
+    linears = {name: QuantizedLinear(qw, cs, None) for name, (qw, cs) in pairs.items()}
+    biases = {k: folded[k] for k in ("bq", "bk", "bv") if folded.get(k) is not None}
+    return QuantizedBlock(bits, folded["attn_norm"], folded["ffn_norm"], scales, linears, biases)
+
+
+def assign_thresholds(block: QuantizedBlock, l: int, thresholds: dict) -> None:
+    """Set each linear's thresholds from {(layer, input kind): float32 [d_in]} (one variant)."""
+    for name, ql in block.linears.items():
+        ql.thresholds = thresholds[(l, INPUT_OF_LINEAR[name])]
+
+
+def calibration_record(calib_tokens, n_windows: int, method: str, alpha_grid, clip_grid) -> dict:
+    """How a model was calibrated, for its manifest (both pipelines write the same record)."""
+    return {"text_tokens": int(len(np.asarray(calib_tokens).reshape(-1))),
+            "n_windows": n_windows, "context": CALIB_CONTEXT, "bos": False,
+            "threshold_model": "float reference (folded basis for AWQ)",
+            "awq_alpha_grid": list(map(float, alpha_grid)) if method == "awq" else None,
+            "awq_clip_grid": list(map(float, clip_grid)) if method == "awq" else None}
+
+
+def check_quantizer_args(method: str, group_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if group_size not in (64, 128):
+        raise ValueError(f"group_size must be 64 or 128, got {group_size}")
+
+
 def _kl_rows(ref_logits, logits) -> np.ndarray:
     """KL(P_ref || P) per row, float64."""
     a = np.asarray(ref_logits, dtype=np.float64)
@@ -316,10 +375,7 @@ def quantize_models(weights, calib_tokens, bits_list=(3, 4), method: str = "awq"
     A list of per-block bit widths may be given as an element of bits_list (a tuple, keyed by tuple).
     """
     from .model import LlamaModel
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if group_size not in (64, 128):
-        raise ValueError(f"group_size must be 64 or 128, got {group_size}")
+    check_quantizer_args(method, group_size)
     config = weights.config
     n_layers = len(weights.layers)
     wanted = list(bits_list)
@@ -344,11 +400,8 @@ def quantize_models(weights, calib_tokens, bits_list=(3, 4), method: str = "awq"
 
     def one_block(b, l):
         st = stats.layer(l) if stats is not None else None
-        scales, folded, pairs = _quantize_block(weights.layers[l], config, b, group_size, method,
-                                                st, alpha_grid, clip_grid)
-        linears = {name: QuantizedLinear(qw, cs, None) for name, (qw, cs) in pairs.items()}
-        biases = {k: folded[k] for k in ("bq", "bk", "bv") if folded.get(k) is not None}
-        return QuantizedBlock(b, folded["attn_norm"], folded["ffn_norm"], scales, linears, biases)
+        return quantize_block(weights.layers[l], config, b, group_size, method, st, alpha_grid,
+                              clip_grid)
 
     # Blocks are independent; NumPy releases the GIL in its kernels, so threads use every core.
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -365,14 +418,9 @@ def quantize_models(weights, calib_tokens, bits_list=(3, 4), method: str = "awq"
     for b in blocks:
         src = th[b] if b in th else th[next(iter(th))]
         for l, blk in enumerate(blocks[b]):
-            for name, ql in blk.linears.items():
-                ql.thresholds = src[(l, INPUT_OF_LINEAR[name])]
+            assign_thresholds(blk, l, src)
 
-    calibration = {"text_tokens": int(len(np.asarray(calib_tokens).reshape(-1))),
-                   "n_windows": n_windows, "context": CALIB_CONTEXT, "bos": False,
-                   "threshold_model": "float reference (folded basis for AWQ)",
-                   "awq_alpha_grid": list(map(float, alpha_grid)) if method == "awq" else None,
-                   "awq_clip_grid": list(map(float, clip_grid)) if method == "awq" else None}
+    calibration = calibration_record(calib_tokens, n_windows, method, alpha_grid, clip_grid)
     result = {}
     sens = None
     for b in wanted:
