@@ -97,11 +97,21 @@ class Shape:
             raise ValueError("head_dim must be even (rotate-half RoPE)")
 
 
+def _engine_shape(name: str, full_layers: int | None = None) -> Shape:
+    """A preset from decdec.engine.SHAPES, the one table of the shapes decdec's engine benchmarks
+    (so the peers are always measured at the engine's shapes)."""
+    s = _ENGINE_SHAPES[name]
+    return Shape(name, s["dim"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["ffn_dim"],
+                 s["vocab_size"], tied=s["tie"], rope_theta=s["rope_theta"], full_layers=full_layers)
+
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+from decdec.engine import SHAPES as _ENGINE_SHAPES  # noqa: E402
+
 PRESETS = {
-    "llama3-8b": Shape("llama3-8b", 4096, 32, 32, 8, 128, 14336, 128256, tied=False, rope_theta=500000.0),
-    "llama3-70b-layers": Shape("llama3-70b-layers", 8192, 8, 64, 8, 128, 28672, 128256, tied=False,
-                               rope_theta=500000.0, full_layers=80),
-    "smollm2-135m": Shape("smollm2-135m", 576, 30, 9, 3, 64, 1536, 49152, tied=True, rope_theta=100000.0),
+    "llama3-8b": _engine_shape("llama3-8b"),
+    "llama3-70b-layers": _engine_shape("llama3-70b-layers", full_layers=80),
+    "smollm2-135m": _engine_shape("smollm2-135m"),
     "tiny": Shape("tiny", 64, 2, 4, 2, 16, 128, 256, tied=False, rope_theta=10000.0),
 }
 

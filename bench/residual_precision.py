@@ -64,24 +64,10 @@ def max_code(bits: int) -> int:
 
 def residual_scales_bits(R: np.ndarray, bits: int,
                          candidates: int = formats.RESIDUAL_SCALE_CANDIDATES) -> np.ndarray:
-    """cheatsheet.residual_scales generalised to b-bit codes: per output channel the MSE-best of
-    `candidates` scales m*(t+1)/N, m = max|R[:, o]| / max_code(bits), scored at fp16.
-    R is [d_in, d_out]; float16 [d_out]. At bits=4 it is cheatsheet.residual_scales exactly."""
-    R = np.asarray(R, np.float64)
-    Q = max_code(bits)
-    m = np.abs(R).max(axis=0) / Q
-    best_err = np.full(R.shape[1], np.inf)
-    best = np.zeros(R.shape[1], np.float16)
-    for t in range(candidates):
-        s16 = (m * (t + 1) / candidates).astype(np.float16)
-        s = s16.astype(np.float64)
-        safe = np.where(s > 0, s, 1.0)
-        q = np.clip(np.round(R / safe), -Q, Q)
-        err = ((q * s - R) ** 2).sum(axis=0)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = np.where(better, s16, best)
-    return best
+    """cheatsheet.residual_scales at b-bit codes (max code 2^(b-1) - 1); float16 [d_out].
+    At bits=4 it is the cheatsheet's own search."""
+    from decdec.cheatsheet import residual_scales
+    return residual_scales(R, candidates, max_code(bits))
 
 
 def quantize_residual(R: np.ndarray, bits: int):

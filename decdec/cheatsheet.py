@@ -33,18 +33,20 @@ class Cheatsheet:
         return formats.unpack_residual(self.codes).astype(np.float32) * self.scales.astype(np.float32)
 
 
-def residual_scales(R: np.ndarray, candidates: int = SCALE_CANDIDATES) -> np.ndarray:
-    """Per output channel, the MSE-best of `candidates` scales m*(t+1)/N, m = max|R[:, o]| / 7.
+def residual_scales(R: np.ndarray, candidates: int = SCALE_CANDIDATES,
+                    max_code: int = formats.RESIDUAL_MAX_CODE) -> np.ndarray:
+    """Per output channel, the MSE-best of `candidates` scales m*(t+1)/N, m = max|R[:, o]| /
+    max_code (7: the 4-bit format; other widths for experiments, bench/residual_precision.py).
     R is [d_in, d_out]; returns float16 [d_out] (the fp16 value is the one scored)."""
     R = np.asarray(R, np.float64)
-    m = np.abs(R).max(axis=0) / formats.RESIDUAL_MAX_CODE
+    m = np.abs(R).max(axis=0) / max_code
     best_err = np.full(R.shape[1], np.inf)
     best = np.zeros(R.shape[1], np.float16)
     for t in range(candidates):
         s16 = (m * (t + 1) / candidates).astype(np.float16)
         s = s16.astype(np.float64)
         safe = np.where(s > 0, s, 1.0)
-        q = np.clip(np.round(R / safe), -formats.RESIDUAL_MAX_CODE, formats.RESIDUAL_MAX_CODE)
+        q = np.clip(np.round(R / safe), -max_code, max_code)
         err = ((q * s - R) ** 2).sum(axis=0)
         better = err < best_err
         best_err = np.where(better, err, best_err)

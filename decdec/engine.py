@@ -76,9 +76,9 @@ def _need_engine():
 
 
 def rope_tables(config, max_seq: int):
-    """cos, sin float32 [max_seq, head_dim / 2]: angles in float64, as decdec.model does."""
-    angles = np.arange(max_seq, dtype=np.float64)[:, None] * rope_inv_freq(config)[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    """cos, sin float32 [max_seq, head_dim / 2]: decdec.model's tables (float64 angles)."""
+    from .model import rope_tables as model_rope_tables
+    return model_rope_tables(rope_inv_freq(config), max_seq)
 
 
 def _fp16(a, name):
@@ -151,16 +151,13 @@ class GpuEngine:
                "norm_eps": float(c.norm_eps), "max_seq": self.max_seq, "max_prefill": max_prefill,
                "sliding_window": int(c.sliding_window or 0), "fused": int(self.fused)}
         self._e = _C.Engine(cfg, embed, head, np.ascontiguousarray(norms), cos, sin, self.layers)
-        self.n_sm = self._sm()
+        from . import gpu
+        self.n_sm = gpu.sm_count(0)
         self.n_tb = int(n_tb) if n_tb is not None else formats.n_tb_default(self.n_sm)
         self.k_chunks = [0] * len(self.layers)
         self.set_k_chunk(k_chunk, self.n_tb)
 
     # ------------------------------------------------------------------ settings
-    def _sm(self) -> int:
-        from . import gpu
-        return gpu.sm_count(0)
-
     def set_k_chunk(self, k_chunk: int, n_tb: int | None = None) -> None:
         """One k_chunk for every projection."""
         self.set_k_chunks([int(k_chunk)] * len(self.layers), n_tb)

@@ -746,6 +746,10 @@ def load_hf(directory: str | Path, *, tokenizer: bool = True):
 _ST_FLOAT = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 
 
+class _NoHeaderEntry(ValueError):
+    """A safetensors header without a readable entry for the tensor asked for."""
+
+
 def _safetensors_entry(path: Path, name: str):
     """(dtype, shape, begin, end, data_start) of tensor `name` from a safetensors header, checked
     against the file's size."""
@@ -759,7 +763,7 @@ def _safetensors_entry(path: Path, name: str):
         except (ValueError, AttributeError, RecursionError):
             info = None
     if not isinstance(info, dict):
-        raise ValueError(f"{path}: tensor {name} has no readable header entry")
+        raise _NoHeaderEntry(f"{path}: tensor {name} has no readable header entry")
     try:
         dtype = str(info["dtype"])
         begin, end = (int(v) for v in info["data_offsets"])
@@ -788,29 +792,14 @@ def _safetensors_get(handle, name, path) -> np.ndarray:
 
 
 def _read_bf16(path: Path, name: str, original: Exception) -> np.ndarray:
-    size = path.stat().st_size
+    try:
+        dtype, shape, begin, end, data_start = _safetensors_entry(path, name)
+    except _NoHeaderEntry:
+        raise ValueError(f"{path}: cannot read tensor {name}: {original}") from original
+    if dtype != "BF16":
+        raise ValueError(f"{path}: cannot read tensor {name}: {original}") from original
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(min(header_len, size)))
-            info = header.get(name)
-        except (ValueError, AttributeError):
-            info = None
-        if not isinstance(info, dict) or info.get("dtype") != "BF16":
-            raise ValueError(f"{path}: cannot read tensor {name}: {original}") from original
-        try:
-            begin, end = (int(v) for v in info["data_offsets"])
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name} has a malformed header entry") from None
-        n = 1
-        for d in shape:
-            n *= d
-        if not 0 <= begin <= end or 8 + header_len + end > size or end - begin != 2 * n or \
-                min(shape, default=1) < 0:
-            raise ValueError(f"{path}: tensor {name}: header says bf16 {list(shape)} at bytes "
-                             f"{begin}..{end}, which does not fit the {size}-byte file")
-        f.seek(8 + header_len + begin)
+        f.seek(data_start + begin)
         raw = np.frombuffer(f.read(end - begin), dtype=np.uint16)
     # bfloat16 is the top half of a float32.
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
