@@ -113,16 +113,17 @@ typedef struct {
                              * SMs - n_tb, 3 tickets on every free slot  (see dd_cuda_gemv.cu) */
     int32_t layer_grid_cap; /* at most this many base blocks in the layer kernel (0 = no cap) */
     int32_t base_sm;        /* SMs the layer kernel's base grid is sized for (0 = SMs - n_tb) */
-    /* added with base kernel 1 (issue 9; zero = unchanged behaviour, so older initialisers stay valid): */
+    /* added with the issue-9 base kernels (zero = unchanged behaviour, so older initialisers stay valid): */
     int32_t base_kernel;    /* plain base GEMV (dd_cuda_gemv_base_v, DD_BENCH_BASE*, and the base
                              * GEMV calls of the serial / fork-join / k_chunk 0 layer paths):
-                             * 0 = today's kernel (production), 1 = kernel 1 (cp.async ring per
-                             * thread + in-block split-K, docs/KERNELS.md "Base kernel 1"); falls
-                             * back to 0 when its pointers are not 16-byte (qweight) / 4-byte
-                             * (scales, zeros) aligned or its shared memory exceeds the device's.
-                             * The one-launch layer kernel (DD_PATH_FUSED) is not affected. */
-    int32_t base_ksplit;    /* kernel 1's input-dimension split over a block's 8 warps: 0 rule
-                             * (smallest of 1, 2, 4, 8 giving every resident block a tile), 1, 2, 4, 8 */
+                             * 0 = kernel 0 (production), 2 = kernel 2 (tensor-core mma.sync dot
+                             * products, docs/KERNELS.md "Base kernel 2"); falls back to 0 for
+                             * group size 64, below sm_80, a qweight not 16-byte aligned or shared
+                             * memory beyond the device's.  (1 was the cp.async-ring kernel: measured
+                             * no faster than kernel 0 on the H200 and removed.)  The one-launch
+                             * layer kernel (DD_PATH_FUSED) is not affected. */
+    int32_t base_ksplit;    /* kernel 2's input-dimension split over a block's 8 warps: 0 rule
+                             * (fewest steps on the busiest block), 1, 2, 4, 8 */
 } dd_cuda_variant;
 
 typedef struct {

@@ -630,144 +630,181 @@ long base_blocks(long needed, long cap, int grid_rule) {
 }
 
 
-/* ==== base kernel 1 (measurement variant dd_cuda_variant.base_kernel = 1; docs/KERNELS.md
- * "Base kernel 1"): the same dequantisation and numerics as gemv_base_kernel, but
- *  - every thread keeps kK1Stages - 1 weight steps in flight through a PRIVATE cp.async ring in
- *    shared memory (each thread copies exactly the bytes it will read itself, so the ring needs
- *    cp.async.wait_group only -- no block barrier in the main loop), instead of one step in
- *    registers: ~3x the bytes in flight per thread at fewer registers;
- *  - a block's 8 warps split the input dimension ksplit ways (1, 2, 4, 8) over a tile of
- *    (8 / ksplit) * kK1Rows rows, partial sums reduced in fp32 through shared memory in a fixed
- *    order (one __syncthreads per tile, double-buffered), so 4096-wide outputs still give every
- *    block slot of the GPU a tile;
- *  - persistent: grid = min(tiles, resident block slots); x is staged once per block straight
- *    from global memory (no raw copy), while the first weight steps are already in flight.
- * cp.async is sm_80+ (no Hopper-only instruction here); below sm_80 the copies are plain loads.
- * Step i of a thread = (tile i / S, unit k0 + lane + 32 (i % S)); every thread walks the same
- * (tile, s) sequence (invalid units just commit empty groups), so the group counts, the tile
- * ends, the shuffles and the barriers are uniform. */
-constexpr int kK1Stages = 4;  /* ring slots per thread: kK1Stages - 1 steps in flight */
-constexpr int kK1Rows = 2;    /* rows per warp per step (one staged-x read serves both) */
+/* ==== base kernel 2: the tensor-core GEMV (dd_cuda_variant.base_kernel = 2; docs/KERNELS.md
+ * "Base kernel 2").  Same formats, same result up to fp32 rounding, about half the instructions
+ * per weight of kernel 0 (whose main loop spends 200 SASS instructions on 64 weights, 3.1 per
+ * weight, and is issue-bound on the H200: 69-72% of the issue slots busy at 44-52% of the HBM,
+ * while a plain read in the same access pattern reaches 96-100% of the HBM; bench/micro).
+ *
+ * The trick: mma.sync m16n8k16 as 32 independent 8-element dot products.  Lane (g, c) (g =
+ * lane / 4, c = lane % 4) puts into the A fragment its own dequantised-but-not-shifted codes of
+ * two rows P (A rows g) and P' = P + 1 (A rows g + 8), and into the B fragment the staged
+ * activations of the SAME elements, so column g of C is row P's (row g) and P''s (row g + 8)
+ * dot product over the 4 lanes of lane group g -- 4 x 32 = 128 elements, one quantisation group.
+ * The other 7 columns are never read.  The codes enter as 1024 + q (LOP3 with the 0x6400 magic)
+ * or 1024 + 16 q (the next nibble) against staged x or x / 16, so no HSUB2 and no HFMA2 is left:
+ * per 8 weights of a row one LOP3 per pair, a shift per word and a quarter of an mma.  The 1024 x
+ * sum(staged x) bias is subtracted per group in fp32 (mma accumulates in fp32), then the group's
+ * scale and zero: y_P += s * (C - 1024 * bsum - z * xsum).
+ *
+ * A pass = the 32 lanes over 32 consecutive chunks of 32 elements (1024 inputs) of the row pair:
+ * 4-bit 16 bytes per lane and row (512 contiguous bytes per warp and row), 3-bit 8 bytes of the
+ * low plane and 4 of the high plane.  A block's 8 warps split the passes ksplit ways over a tile
+ * of 16 / ksplit rows (partial sums reduced in fp32 through shared memory, fixed order); tiles
+ * are dealt round-robin to a persistent grid of resident blocks; ksplit is chosen by a cost model
+ * (steps on the busiest block).  The next step's weights are in flight while one is computed. */
+constexpr int kK2Chunk = 32;              /* inputs per lane per pass */
 
-__device__ __forceinline__ void k1_copy16(void *dst, const void *src) {
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
-    *reinterpret_cast<uint4 *>(dst) = __ldcs(reinterpret_cast<const uint4 *>(src));
-#endif
-}
-__device__ __forceinline__ void k1_copy8(void *dst, const void *src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
-#else
-    *reinterpret_cast<uint2 *>(dst) = __ldcs(reinterpret_cast<const uint2 *>(src));
-#endif
-}
-__device__ __forceinline__ void k1_copy4(void *dst, const void *src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
-#else
-    *reinterpret_cast<uint32_t *>(dst) = __ldg(reinterpret_cast<const uint32_t *>(src));
-#endif
-}
-__device__ __forceinline__ void k1_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void k1_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+    __trap(); /* kernel 2 is never planned below sm_80 (plan_k2) */
 #endif
 }
 
-/* fp16 element `sel` (0 low, 1 high) of a little-endian word holding elements 2m, 2m+1 */
-__device__ __forceinline__ float k1_half_of(uint32_t w, uint32_t sel) {
-    return __half2float(__ushort_as_half((unsigned short)(sel ? (w >> 16) : (w & 0xFFFFu))));
+/* One nibble word of row P (wp) and of row P' (wq) against their staged activations xb =
+ * {x(0,4), x(2,6), x(1,5) / 16, x(3,7) / 16} (B pairs adjacent, so no moves): two mma, 8 LOP3,
+ * 2 shifts for 16 weights. */
+__device__ __forceinline__ void k2_word(float (&c)[4], uint32_t wp, uint32_t wq, const uint4 &xb, uint32_t magic) {
+    const uint32_t wp2 = wp >> 8, wq2 = wq >> 8;
+    mma_16816(c, and_or(wp, 0x000F000Fu, magic), and_or(wq, 0x000F000Fu, magic), and_or(wp2, 0x000F000Fu, magic),
+              and_or(wq2, 0x000F000Fu, magic), xb.x, xb.y);
+    mma_16816(c, and_or(wp, 0x00F000F0u, magic), and_or(wq, 0x00F000F0u, magic), and_or(wp2, 0x00F000F0u, magic),
+              and_or(wq2, 0x00F000F0u, magic), xb.z, xb.w);
 }
 
-/* Shared memory of kernel 1: [lo ring | hi ring (3-bit) | scale/zero ring | staged x |
- * per-segment unscale | per-unit sums | 2 x kWarps x kK1Rows reduction slots]. */
-size_t k1_smem_bytes(int bits, int d_in_pad) {
-    const size_t slots = (size_t)kK1Stages * kK1Rows * kThreads;
-    const int unit = bits == 4 ? 32 : 64;
-    return slots * (16 + (bits == 3 ? 8 : 0) + 8) + (size_t)d_in_pad * 2 + (size_t)(d_in_pad / 64) * 4 +
-           (size_t)(d_in_pad / unit) * 4 + 2 * kWarps * kK1Rows * 4;
+/* Staged activation slot of element j (one fp16 each) and its pre-division: [v][chunk][slot][half]
+ * with v the nibble word of the chunk (4-bit: word v = elements 8v..8v+7; 3-bit: v = 2 l + parity,
+ * the even / odd elements of low-plane word l) and slot 0..3 = nibble pairs (0,4), (2,6), (1,5),
+ * (3,7), the last two pre-divided by 16 (their codes enter as 1024 + 16 q); lanes reading
+ * consecutive chunks read consecutive 16-byte vectors (no bank conflicts). */
+template <int BITS>
+__device__ __forceinline__ int k2_staged_index(int j, int n_chunks, float *prescale) {
+    const int ch = j >> 5, jj = j & 31;
+    int v, a;
+    if (BITS == 4) {
+        v = jj >> 3;
+        a = jj & 7;
+    } else {
+        const int m = jj & 15;
+        v = 2 * (jj >> 4) + (m & 1);
+        a = m >> 1;
+    }
+    const int i = a & 3, hi = a >> 2;          /* nibble pair i = (i, i + 4), element hi of it */
+    const int slot = (i >> 1) | ((i & 1) << 1); /* pairs 0, 2 -> slots 0, 1; pairs 1, 3 -> 2, 3 */
+    *prescale = (i & 1) ? 0.0625f : 1.0f;
+    return ((v * n_chunks + ch) * 4 + slot) * 2 + hi;
+}
+
+/* One step of a lane: NP row pairs x one chunk. */
+template <int BITS, int NP>
+struct K2Step {
+    uint32_t w[2 * NP][BITS == 4 ? 4 : 3]; /* per row: 4-bit the 16-byte chunk; 3-bit low (2 words), high */
+    unsigned short s[2 * NP], z[2 * NP];   /* the group's scale and zero, per row */
+};
+
+/* Loads of one step: rows row, row + row_bytes, ... (2 NP rows), chunk ch (byte offsets `wo`
+ * into the low plane, `ho` into the high plane); sz points at the first row's group. */
+template <int BITS, int NP>
+__device__ __forceinline__ void k2_load(K2Step<BITS, NP> &st, const uint8_t *row, const unsigned short *sc,
+                                        const unsigned short *zr, int row_bytes, int n_groups) {
+#pragma unroll
+    for (int r = 0; r < 2 * NP; r++) {
+        const uint8_t *rr = row + r * row_bytes;
+        if (BITS == 4) {
+            const uint4 v = __ldcs(reinterpret_cast<const uint4 *>(rr));
+            st.w[r][0] = v.x; st.w[r][1] = v.y; st.w[r][2] = v.z; st.w[r][3] = v.w;
+        } else {
+            const uint2 v = __ldcs(reinterpret_cast<const uint2 *>(rr));
+            st.w[r][0] = v.x; st.w[r][1] = v.y;
+        }
+        st.s[r] = __ldg(sc + r * n_groups);
+        st.z[r] = __ldg(zr + r * n_groups);
+    }
+}
+template <int NP>
+__device__ __forceinline__ void k2_load_hi(K2Step<3, NP> &st, const uint8_t *hrow, int row_bytes) {
+#pragma unroll
+    for (int r = 0; r < 2 * NP; r++) st.w[r][2] = __ldcs(reinterpret_cast<const unsigned *>(hrow + r * row_bytes));
+}
+template <int NP>
+__device__ __forceinline__ void k2_load_hi(K2Step<4, NP> &, const uint8_t *, int) {}
+
+/* Shared memory of kernel 2: [staged x : d_in_pad halves | (bsum, xsum) per group | reduction
+ * slots 2 x kWarps x kK2Rows]. */
+constexpr int kK2Pairs = 2;               /* row pairs per warp step (4 rows share one B read) */
+constexpr int kK2Rows = 2 * kK2Pairs;
+size_t k2_smem_bytes(int d_in_pad, int group_size) {
+    return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / group_size) * 8 + 2 * kWarps * kK2Rows * 4;
 }
 
 template <int BITS>
 __global__ void __launch_bounds__(kThreads, 2)
-gemv_k1_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ scales,
-               const __half *__restrict__ zeros, const __half *__restrict__ x, __half *__restrict__ y,
-               int d_in, int d_in_pad, int d_out, int group_size, int accumulate, int ksplit) {
-    constexpr int R = kK1Rows, NST = kK1Stages;
-    constexpr int kUnitElems = BITS == 4 ? 32 : 64;
-    constexpr int kSlots = NST * R * kThreads;
+gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__restrict__ scales,
+               const unsigned short *__restrict__ zeros, const __half *__restrict__ x, __half *__restrict__ y,
+               int d_in, int d_in_pad, int d_out, int accumulate, int ksplit) {
+    constexpr int NP = kK2Pairs, R = kK2Rows;
     extern __shared__ uint4 smem_u4[];
-    uint4 *ring_lo = smem_u4;                                          /* [NST][R][kThreads] */
-    uint2 *ring_hi = reinterpret_cast<uint2 *>(ring_lo + kSlots);      /* 3-bit only */
-    uint2 *ring_sz = ring_hi + (BITS == 3 ? kSlots : 0);               /* (scale word, zero word) */
-    __half *xs = reinterpret_cast<__half *>(ring_sz + kSlots);         /* 16-byte aligned */
-    const int n_units = d_in_pad / kUnitElems;
-    float *seg_unscale = reinterpret_cast<float *>(xs + d_in_pad);
-    float *unit_sum = seg_unscale + d_in_pad / 64;
-    float *red = unit_sum + n_units;                                   /* [2][kWarps][R] */
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n_groups = d_in_pad / group_size;
-    const int group_shift = group_size == 128 ? 7 : 6;
-    const size_t row_bytes = (size_t)d_in_pad * BITS / 8;
+    __half *xs = reinterpret_cast<__half *>(smem_u4);
+    const int n_chunks = d_in_pad / kK2Chunk, n_groups = d_in_pad / 128;
+    float2 *gsum = reinterpret_cast<float2 *>(xs + d_in_pad);
+    float *red = reinterpret_cast<float *>(gsum + n_groups); /* [2][kWarps][R] */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2;
+    const int row_bytes = d_in_pad * BITS / 8; /* < 2^31: d_in_pad <= the shared-memory limit */
+    const int n_pass = (n_chunks + 31) / 32;
     const int rg = warp / ksplit, ks = warp - rg * ksplit;
-    const int tile_rows = (kWarps / ksplit) * R;         /* 16, 8, 4 or 2: divides d_out (% 32) */
+    const int tile_rows = R * (kWarps / ksplit);
     const int n_tiles = d_out / tile_rows;
-    const int us = (n_units + ksplit - 1) / ksplit;      /* units per k-slice */
-    const int k0 = ks * us, k1 = min(n_units, k0 + us);  /* this warp's slice (may be empty) */
-    const int S = (us + 31) / 32;                        /* steps per tile: block-uniform */
+    const int S = (n_pass + ksplit - 1) / ksplit;                /* passes per tile per warp */
     const int my_tiles = (n_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
     const int n_steps = my_tiles * S;
+    const bool useful = lane == 4 * g + (g >> 1);                /* holds C[g][g] and C[g + 8][g] */
+    const int chunk0 = ks * S * 32 + lane;                        /* this lane's chunk at s = 0 */
 
-    /* producer position: step p_i = (tile p_tile, s p_s) */
-    int p_i = 0, p_tile = blockIdx.x, p_s = 0;
-    auto issue = [&](int slot) {
-        const int u = k0 + lane + 32 * p_s;
-        if (p_i < n_steps && u < k1) {
-            const int r0 = p_tile * tile_rows + rg * R;
-            const int g = (u * kUnitElems) >> group_shift;
-#pragma unroll
-            for (int k = 0; k < R; k++) {
-                const uint8_t *row = qweight + (size_t)(r0 + k) * row_bytes;
-                const int idx = (slot * R + k) * kThreads + tid;
-                k1_copy16(ring_lo + idx, row + (size_t)u * 16);
-                if (BITS == 3) k1_copy8(ring_hi + idx, row + d_in_pad / 4 + (size_t)u * 8);
-                /* the aligned 4-byte word holding element gi (the arrays are 4-byte aligned and of
-                 * even length: d_out % 32 == 0) */
-                const size_t gi = (size_t)(r0 + k) * n_groups + g;
-                k1_copy4(&ring_sz[idx].x, scales + (gi & ~(size_t)1));
-                k1_copy4(&ring_sz[idx].y, zeros + (gi & ~(size_t)1));
-            }
+    /* producer: the next step to load, pass ks S + l_s of the tile at l_row.  Counters and
+     * pointer increments, not divisions (step i = tile blockIdx + (i / S) gridDim, s = i % S). */
+    int l_i = 0, l_s = 0;
+    const size_t row0 = (size_t)blockIdx.x * tile_rows + R * rg;
+    const uint8_t *l_w = qweight + row0 * row_bytes + (size_t)chunk0 * (BITS == 4 ? 16 : 8);
+    const uint8_t *l_h = qweight + row0 * row_bytes + d_in_pad / 4 + (size_t)chunk0 * 4;
+    const unsigned short *l_sc = scales + row0 * n_groups + (chunk0 >> 2), *l_zr = zeros + row0 * n_groups + (chunk0 >> 2);
+    const size_t tile_w = (size_t)gridDim.x * tile_rows * row_bytes, tile_g = (size_t)gridDim.x * tile_rows * n_groups;
+    auto load_next = [&](K2Step<BITS, NP> &st) {
+        if (l_i < n_steps && chunk0 + 32 * l_s < n_chunks) {
+            k2_load<BITS, NP>(st, l_w, l_sc, l_zr, row_bytes, n_groups);
+            k2_load_hi<NP>(st, l_h, row_bytes);
         }
-        k1_commit(); /* possibly empty: every thread commits one group per step */
-        p_i++;
-        if (++p_s == S) { p_s = 0; p_tile += gridDim.x; }
+        l_i++;
+        if (++l_s == S) { /* next tile: back to this warp's first pass */
+            l_s = 0;
+            l_w += tile_w - (size_t)(S - 1) * 32 * (BITS == 4 ? 16 : 8);
+            l_h += tile_w - (size_t)(S - 1) * 32 * 4;
+            l_sc += tile_g - (size_t)(S - 1) * 8;
+            l_zr += tile_g - (size_t)(S - 1) * 8;
+        } else {
+            l_w += 32 * (BITS == 4 ? 16 : 8);
+            l_h += 32 * 4;
+            l_sc += 8;
+            l_zr += 8;
+        }
     };
 
-    /* ---- the first NST - 1 steps leave for HBM before x is staged ---- */
-#pragma unroll
-    for (int i = 0; i < NST - 1; i++) issue(i);
+    K2Step<BITS, NP> cur;
+    load_next(cur);
 
-    /* ---- stage x straight from global memory: every thread owns 8 inputs (one vector) ---- */
+    /* ---- stage x while the first weights are in flight: every thread 8 inputs (one vector) ---- */
     {
         const bool vec = (((uintptr_t)x) & 15) == 0 && (d_in & 7) == 0;
-        const int n_vec = d_in_pad / 8; /* multiple of 16: whole segments per warp pass */
+        const int n_vec = d_in_pad / 8; /* multiple of 16: whole groups per 16 threads */
         for (int vb = 0; vb < n_vec; vb += kThreads) {
             const int vi = vb + tid;
-            const bool on = vi < n_vec; /* uniform per 8-lane segment group */
             uint4 rv = make_uint4(0u, 0u, 0u, 0u);
-            if (on && vi * 8 < d_in) {
+            if (vi < n_vec && vi * 8 < d_in) {
                 if (vec) {
                     rv = __ldg(reinterpret_cast<const uint4 *>(x) + vi);
                 } else {
@@ -777,208 +814,192 @@ gemv_k1_kernel(const uint8_t *__restrict__ qweight, const __half *__restrict__ s
                         const int j = vi * 8 + k;
                         e[k] = j < d_in ? __half_as_ushort(x[j]) : (unsigned short)0;
                     }
-                    rv.x = e[0] | ((uint32_t)e[1] << 16);
-                    rv.y = e[2] | ((uint32_t)e[3] << 16);
-                    rv.z = e[4] | ((uint32_t)e[5] << 16);
-                    rv.w = e[6] | ((uint32_t)e[7] << 16);
+                    rv = make_uint4(e[0] | ((uint32_t)e[1] << 16), e[2] | ((uint32_t)e[3] << 16),
+                                    e[4] | ((uint32_t)e[5] << 16), e[6] | ((uint32_t)e[7] << 16));
                 }
             }
             const uint32_t w[4] = {rv.x, rv.y, rv.z, rv.w};
-            float f[8], m = 0.f, s = 0.f;
+            float bsum = 0.f, xsum = 0.f;
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 p = __half22float2(as_h2(w[k]));
-                f[2 * k] = p.x;
-                f[2 * k + 1] = p.y;
-                m = fmaxf(m, fmaxf(fabsf(p.x), fabsf(p.y))); /* fmaxf skips NaN */
-                s += p.x + p.y;
+            for (int k = 0; k < 8; k++) {
+                const float f = __half2float(__ushort_as_half((unsigned short)(w[k >> 1] >> (16 * (k & 1)))));
+                float p;
+                const int idx = k2_staged_index<BITS>(vi * 8 + k, n_chunks, &p);
+                const __half b = __float2half_rn(f * p);
+                if (vi < n_vec) xs[idx] = b;
+                const float bf = __half2float(b);
+                bsum += bf;
+                xsum += bf * (p == 1.0f ? 1.0f : 16.0f); /* what the codes are multiplied by */
             }
 #pragma unroll
-            for (int off = 4; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-            s += __shfl_xor_sync(0xffffffffu, s, 2);
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            if (BITS == 3) s += __shfl_xor_sync(0xffffffffu, s, 4); /* 64-input unit */
-            if (on) {
-                int e = 0;
-                if (m > 0.f && m <= 3.0e38f) frexpf(m, &e);
-                const float down = ldexpf(1.f, -e);
-                const int seg = vi >> 3;
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    float p;
-                    const int i = staged_index<BITS>(vi * 8 + k, n_units, &p);
-                    xs[i] = __float2half_rn(f[k] * down * p);
-                }
-                if ((vi & 7) == 0) seg_unscale[seg] = ldexpf(1.f, e);
-                if (BITS == 4 && (vi & 3) == 0) unit_sum[vi >> 2] = s;
-                if (BITS == 3 && (vi & 7) == 0) unit_sum[seg] = s;
+            for (int off = 8; off; off >>= 1) {
+                bsum += __shfl_xor_sync(0xffffffffu, bsum, off);
+                xsum += __shfl_xor_sync(0xffffffffu, xsum, off);
             }
+            if (vi < n_vec && (vi & 15) == 0) gsum[vi >> 4] = make_float2(bsum, xsum);
         }
     }
     __syncthreads();
 
-    const float centre = BITS == 4 ? 8.f : 4.f;
-    const __half2 bias_lo = __float2half2_rn(1024.f + centre);
-    const __half2 bias_hi = __float2half2_rn(1024.f + 16.f * centre);
     const uint4 *xs4 = reinterpret_cast<const uint4 *>(xs);
     uint32_t magic = kMagic;
     asm volatile("" : "+r"(magic));
-
     float acc[R];
 #pragma unroll
-    for (int k = 0; k < R; k++) acc[k] = 0.f;
-    int c_tile = blockIdx.x, c_s = 0, par = 0;
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    int par = 0;
+    int c_s = 0, c_P = blockIdx.x * tile_rows + R * rg; /* consumer: pass ks S + c_s of rows c_P.. */
     for (int i = 0; i < n_steps; i++) {
-        issue((i + NST - 1) % NST); /* refills the slot read in step i - 1 */
-        k1_wait<NST - 1>();         /* this thread's group i (step i) has landed */
-        const int slot = i % NST;
-        const int u = k0 + lane + 32 * c_s;
-        if (u < k1) {
-            const int r0 = c_tile * tile_rows + rg * R;
-            const int g = (u * kUnitElems) >> group_shift;
-            const int seg = BITS == 4 ? (u >> 1) : u;
-            const float unscale = seg_unscale[seg], xsum = unit_sum[u];
-            __half2 p[R];
+        const int ch = chunk0 + 32 * c_s, pass = ks * S + c_s;
+        K2Step<BITS, NP> nxt;
+        load_next(nxt);
+        if (pass < n_pass) { /* warp-uniform */
+            const bool valid = ch < n_chunks; /* uniform per lane group (n_chunks % 4 == 0) */
+            const uint4 *xb = xs4 + (valid ? ch : 0);
+            float c[NP][4];
 #pragma unroll
-            for (int k = 0; k < R; k++) p[k] = __float2half2_rn(0.f);
+            for (int q = 0; q < NP; q++) c[q][0] = c[q][1] = c[q][2] = c[q][3] = 0.f;
             if (BITS == 4) {
-                uint4 xv[4];
 #pragma unroll
-                for (int v = 0; v < 4; v++) xv[v] = xs4[v * n_units + u];
+                for (int v = 0; v < 4; v++) {
+                    const uint4 b = xb[v * n_chunks];
 #pragma unroll
-                for (int k = 0; k < R; k++) {
-                    const uint4 lo = ring_lo[(slot * R + k) * kThreads + tid];
-                    p[k] = nibble_word_dot(lo.x, xv[0], p[k], bias_lo, bias_hi, magic);
-                    p[k] = nibble_word_dot(lo.y, xv[1], p[k], bias_lo, bias_hi, magic);
-                    p[k] = nibble_word_dot(lo.z, xv[2], p[k], bias_lo, bias_hi, magic);
-                    p[k] = nibble_word_dot(lo.w, xv[3], p[k], bias_lo, bias_hi, magic);
+                    for (int q = 0; q < NP; q++) k2_word(c[q], cur.w[2 * q][v], cur.w[2 * q + 1][v], b, magic);
                 }
             } else {
-                uint4 lo[R];
-                uint2 hi[R];
 #pragma unroll
-                for (int k = 0; k < R; k++) {
-                    lo[k] = ring_lo[(slot * R + k) * kThreads + tid];
-                    hi[k] = ring_hi[(slot * R + k) * kThreads + tid];
-                }
+                for (int l = 0; l < 2; l++) {
+                    const uint32_t sel = l ? 0x4342u : 0x4140u;
+                    const uint4 be = xb[(2 * l) * n_chunks], bo = xb[(2 * l + 1) * n_chunks];
 #pragma unroll
-                for (int w = 0; w < 4; w++) {
-                    const uint4 xe = xs4[(2 * w) * n_units + u];
-                    const uint4 xo = xs4[(2 * w + 1) * n_units + u];
-#pragma unroll
-                    for (int k = 0; k < R; k++) {
-                        const uint32_t low = w == 0 ? lo[k].x : w == 1 ? lo[k].y : w == 2 ? lo[k].z : lo[k].w;
-                        const uint32_t hw = w < 2 ? hi[k].x : hi[k].y;
-                        const uint32_t sp = spread16(hw, (w & 1) ? 0x4342u : 0x4140u);
-                        const uint32_t ce = bit_select(0x33333333u, low, sp << 2);
-                        const uint32_t co = bit_select(0x33333333u, low >> 2, sp);
-                        p[k] = nibble_word_dot(ce, xe, p[k], bias_lo, bias_hi, magic);
-                        p[k] = nibble_word_dot(co, xo, p[k], bias_lo, bias_hi, magic);
+                    for (int q = 0; q < NP; q++) {
+                        const uint32_t sp = spread16(cur.w[2 * q][2], sel), sq = spread16(cur.w[2 * q + 1][2], sel);
+                        const uint32_t lp = cur.w[2 * q][l], lq = cur.w[2 * q + 1][l];
+                        k2_word(c[q], bit_select(0x33333333u, lp, sp << 2), bit_select(0x33333333u, lq, sq << 2), be, magic);
+                        k2_word(c[q], bit_select(0x33333333u, lp >> 2, sp), bit_select(0x33333333u, lq >> 2, sq), bo, magic);
                     }
                 }
             }
+            if (valid && useful) {
+                const float2 gs = gsum[ch >> 2];
 #pragma unroll
-            for (int k = 0; k < R; k++) {
-                const uint2 szw = ring_sz[(slot * R + k) * kThreads + tid];
-                const uint32_t sel = (uint32_t)(((size_t)(r0 + k) * n_groups + g) & 1);
-                const float2 pf = __half22float2(p[k]);
-                const float sc = k1_half_of(szw.x, sel), z = k1_half_of(szw.y, sel);
-                acc[k] += sc * ((pf.x + pf.y) * unscale - (z - centre) * xsum);
+                for (int q = 0; q < NP; q++) {
+                    const float cp = (g & 1) ? c[q][1] : c[q][0], cq = (g & 1) ? c[q][3] : c[q][2];
+                    const float2 s2 = __half22float2(__halves2half2(__ushort_as_half(cur.s[2 * q]), __ushort_as_half(cur.s[2 * q + 1])));
+                    const float2 z2 = __half22float2(__halves2half2(__ushort_as_half(cur.z[2 * q]), __ushort_as_half(cur.z[2 * q + 1])));
+                    acc[2 * q] = fmaf(s2.x, fmaf(-z2.x, gs.y, fmaf(-1024.f, gs.x, cp)), acc[2 * q]);
+                    acc[2 * q + 1] = fmaf(s2.y, fmaf(-z2.y, gs.y, fmaf(-1024.f, gs.x, cq)), acc[2 * q + 1]);
+                }
             }
         }
-        if (++c_s == S) { /* end of this block's tile: uniform over the block */
+        if (c_s == S - 1) { /* end of this block's tile: uniform over the block */
+            const int P = c_P;
 #pragma unroll
-            for (int k = 0; k < R; k++)
+            for (int r = 0; r < R; r++)
 #pragma unroll
-                for (int off = 16; off; off >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
-            const int r0 = c_tile * tile_rows + rg * R;
+                for (int off = 16; off; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
             if (ksplit == 1) {
                 if (lane < R) {
-                    const float a = lane == 0 ? acc[0] : acc[R - 1];
-                    if (accumulate) atomicAdd(y + r0 + lane, __float2half_rn(a));
-                    else y[r0 + lane] = __float2half_rn(a);
+                    float a = acc[0];
+#pragma unroll
+                    for (int r = 1; r < R; r++) a = lane == r ? acc[r] : a;
+                    if (accumulate) atomicAdd(y + P + lane, __float2half_rn(a));
+                    else y[P + lane] = __float2half_rn(a);
                 }
             } else {
                 float *rb = red + par * (kWarps * R);
                 if (lane == 0) {
 #pragma unroll
-                    for (int k = 0; k < R; k++) rb[warp * R + k] = acc[k];
+                    for (int r = 0; r < R; r++) rb[warp * R + r] = acc[r];
                 }
                 __syncthreads(); /* every thread reaches it: n_steps and S are block-uniform */
                 if (ks == 0 && lane < R) {
                     float a = 0.f;
                     for (int j = 0; j < ksplit; j++) a += rb[(rg * ksplit + j) * R + lane]; /* fixed order */
-                    if (accumulate) atomicAdd(y + r0 + lane, __float2half_rn(a));
-                    else y[r0 + lane] = __float2half_rn(a);
+                    if (accumulate) atomicAdd(y + P + lane, __float2half_rn(a));
+                    else y[P + lane] = __float2half_rn(a);
                 }
                 par ^= 1;
             }
 #pragma unroll
-            for (int k = 0; k < R; k++) acc[k] = 0.f;
+            for (int r = 0; r < R; r++) acc[r] = 0.f;
             c_s = 0;
-            c_tile += gridDim.x;
+            c_P += gridDim.x * tile_rows;
+        } else {
+            c_s++;
         }
+        cur = nxt;
     }
-    k1_wait<0>(); /* nothing real is pending (every real step was waited for); empty groups only */
 }
-static_assert(kK1Rows == 2, "the ksplit == 1 store picks acc[0] / acc[R - 1]");
 
-/* Kernel 1's plan for one call: applies = false when it does not (pointers not 16/4-byte aligned,
- * shared memory beyond the device limit, no resident block): the caller runs kernel 0. */
-struct K1Plan {
+/* Kernel 2's plan for one call: applies = false when it does not (group size not 128, pointers not
+ * 16-byte (qweight) / 2-byte aligned, shared memory beyond the device, below sm_80): the caller
+ * runs kernel 0. */
+struct K2Plan {
     bool applies;
     int ksplit, per_sm;
     long blocks, tiles;
     size_t smem;
-    void (*kernel)(const uint8_t *, const __half *, const __half *, const __half *, __half *, int, int,
+    void (*kernel)(const uint8_t *, const unsigned short *, const unsigned short *, const __half *, __half *, int,
                    int, int, int, int);
 };
 
-dd_status plan_k1(const dd_shape *s, const void *d_qweight, const void *d_scales, const void *d_zeros,
-                  int n_sm_free, const dd_cuda_variant *v, K1Plan *P) {
+dd_status plan_k2(const dd_shape *s, const void *d_qweight, const void *d_scales, const void *d_zeros,
+                  int n_sm_free, const dd_cuda_variant *v, K2Plan *P) {
     memset(P, 0, sizeof *P);
-    if ((((uintptr_t)d_qweight) & 15) || (((uintptr_t)d_scales) & 3) || (((uintptr_t)d_zeros) & 3))
+    if (s->group_size != 128 || (((uintptr_t)d_qweight) & 15) || (((uintptr_t)d_scales) & 1) ||
+        (((uintptr_t)d_zeros) & 1))
         return DD_OK;
-    int n_sm = 0, smem_optin = 0;
+    int n_sm = 0, smem_optin = 0, dev = 0, major = 0;
     dd_status st;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
+    DD_CK(cudaGetDevice(&dev));
+    DD_CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (major < 8) return DD_OK;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     const int d_in_pad = dd_d_in_pad(s);
-    P->smem = k1_smem_bytes(s->bits, d_in_pad);
+    P->smem = k2_smem_bytes(d_in_pad, s->group_size);
     if (P->smem > (size_t)smem_optin) return DD_OK;
-    P->kernel = s->bits == 4 ? gemv_k1_kernel<4> : gemv_k1_kernel<3>;
+    P->kernel = s->bits == 4 ? gemv_k2_kernel<4> : gemv_k2_kernel<3>;
     if (P->smem > 48 * 1024)
         DD_CK(cudaFuncSetAttribute(P->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)P->smem));
     DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&P->per_sm, P->kernel, kThreads, P->smem));
     if (P->per_sm < 1) return DD_OK;
     const long slots = (long)n_sm_free * P->per_sm;
-    /* k-split rule: the smallest split (1, 2, 4, 8) that gives every resident block slot a tile */
+    const long n_pass = (d_in_pad / kK2Chunk + 31) / 32;
+    /* k-split rule: the fewest steps on the busiest block, ceil(tiles / blocks) x ceil(passes /
+     * ksplit), plus 5% of a step per tile for the shared-memory reduction; ties to the smaller split */
     const int vk = v ? v->base_ksplit : 0;
     int ksplit = vk == 1 || vk == 2 || vk == 4 || vk == 8 ? vk : 0;
     if (!ksplit) {
-        ksplit = 8;
-        for (int k = 1; k <= 8; k *= 2)
-            if ((long)s->d_out / ((kWarps / k) * kK1Rows) >= slots) { ksplit = k; break; }
+        double best = 1e30;
+        for (int k = 1; k <= 8; k *= 2) {
+            const long tiles = (long)s->d_out / (kK2Rows * (kWarps / k));
+            const long blocks = std::min(tiles, slots);
+            const long per_block = (tiles + blocks - 1) / blocks;
+            const double cost = (double)per_block * (double)((n_pass + k - 1) / k) + (k > 1 ? 0.05 * per_block : 0.0);
+            if (cost < best - 1e-9) { best = cost; ksplit = k; }
+        }
     }
     P->ksplit = ksplit;
-    P->tiles = (long)s->d_out / ((kWarps / ksplit) * kK1Rows);
+    P->tiles = (long)s->d_out / (kK2Rows * (kWarps / ksplit));
     P->blocks = std::min(P->tiles, slots);
     P->applies = true;
     return DD_OK;
 }
 
-dd_status gemv_k1_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
+dd_status gemv_k2_launch(const dd_shape *s, const uint8_t *d_qweight, const uint16_t *d_scales,
                          const uint16_t *d_zeros, const uint16_t *d_x, uint16_t *d_y, int accumulate,
                          int n_sm_free, const dd_cuda_variant *v, cudaStream_t stream, bool *launched) {
     *launched = false;
-    K1Plan P;
-    dd_status st = plan_k1(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P);
+    K2Plan P;
+    dd_status st = plan_k2(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P);
     if (st != DD_OK || !P.applies) return st;
     P.kernel<<<(unsigned)P.blocks, kThreads, P.smem, stream>>>(
-        d_qweight, reinterpret_cast<const __half *>(d_scales), reinterpret_cast<const __half *>(d_zeros),
-        reinterpret_cast<const __half *>(d_x), reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s),
-        s->d_out, s->group_size, accumulate, P.ksplit);
-    DD_CK_LAUNCH("gemv_k1_kernel");
+        d_qweight, reinterpret_cast<const unsigned short *>(d_scales), reinterpret_cast<const unsigned short *>(d_zeros),
+        reinterpret_cast<const __half *>(d_x), reinterpret_cast<__half *>(d_y), s->d_in, dd_d_in_pad(s), s->d_out,
+        accumulate, P.ksplit);
+    DD_CK_LAUNCH("gemv_k2_kernel");
     *launched = true;
     return DD_OK;
 }
@@ -994,9 +1015,9 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
     int n_sm = 0, smem_optin = 0;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
-    if (v && v->base_kernel == 1) { /* measurement variant: kernel 1, else kernel 0 below */
+    if (v && v->base_kernel == 2) { /* measurement variant: kernel 2, else kernel 0 below */
         bool launched = false;
-        if ((st = gemv_k1_launch(s, d_qweight, d_scales, d_zeros, d_x, d_y, accumulate, n_sm_free, v,
+        if ((st = gemv_k2_launch(s, d_qweight, d_scales, d_zeros, d_x, d_y, accumulate, n_sm_free, v,
                                  (cudaStream_t)stream, &launched)) != DD_OK || launched)
             return st;
     }
@@ -1014,13 +1035,13 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
     return DD_OK;
 }
 
-dd_status dd_cuda_gemv_k1_info(const dd_shape *s, const void *d_qweight, const void *d_scales,
+dd_status dd_cuda_gemv_k2_info(const dd_shape *s, const void *d_qweight, const void *d_scales,
                                const void *d_zeros, int n_sm_free, const dd_cuda_variant *v, int *ksplit,
                                long *blocks, long *tiles, size_t *smem, int *per_sm) {
     dd_status st = dd_shape_check(s);
     if (st != DD_OK) return st;
-    K1Plan P;
-    if ((st = plan_k1(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P)) != DD_OK) return st;
+    K2Plan P;
+    if ((st = plan_k2(s, d_qweight, d_scales, d_zeros, n_sm_free, v, &P)) != DD_OK) return st;
     *ksplit = P.applies ? P.ksplit : 0;
     *blocks = P.blocks;
     *tiles = P.tiles;

@@ -2,8 +2,8 @@
  * Standalone GPU check + benchmark of the CUDA backend against the CPU backend (the oracle).
  *   ./cuda_harness test          correctness (exit 1 on any failure)
  *   ./cuda_harness bench [quick] timing table (JSON lines on stdout, prefixed "JSON ")
- *   ./cuda_harness k1cmp [quick] base kernel 1 beside kernel 0 on the six Llama shapes
- *   ./cuda_harness k1race        base kernel 1 on small shapes (for compute-sanitizer)
+ *   ./cuda_harness k2cmp [quick] base kernel 2 beside kernel 0 on the six Llama shapes
+ *   ./cuda_harness k2race        base kernel 2 on small shapes (for compute-sanitizer)
  * Build: see csrc/cuda/tests/run_gpu.sh.
  */
 #include <math.h>
@@ -421,11 +421,11 @@ static void test_base_float64(int d_in, int d_out, int bits, int gs, float outli
     dd_cuda_host_free(L.rc);
 }
 
-/* Base kernel 1 (dd_cuda_variant.base_kernel = 1) against the CPU backend (dd_cpu_gemv_base):
+/* Base kernel 2 (dd_cuda_variant.base_kernel = 1) against the CPU backend (dd_cpu_gemv_base):
  * every k-split (rule, 1, 2, 4, 8), store and accumulate, aligned and misaligned x (x + 1 element:
  * the staging's scalar path), NaN-poisoned y first so an unwritten output fails.  Also checks that
- * kernel 1 really ran (dd_cuda_gemv_k1_info: no silent fallback to kernel 0). */
-static void test_base_k1(int d_in, int d_out, int bits, int gs, bool all_splits) {
+ * kernel 2 really ran (dd_cuda_gemv_k2_info: no silent fallback to kernel 0). */
+static void test_base_k2(int d_in, int d_out, int bits, int gs, bool all_splits) {
     dd_shape s = {d_in, d_out, bits, gs};
     const size_t rb = dd_qweight_row_bytes(&s);
     const int ng = dd_num_groups(&s);
@@ -452,14 +452,16 @@ static void test_base_k1(int d_in, int d_out, int bits, int gs, bool all_splits)
     for (int split : {0, 1, 2, 4, 8}) {
         if (!all_splits && split != 0) continue;
         dd_cuda_variant v = {};
-        v.base_kernel = 1;
+        v.base_kernel = 2;
         v.base_ksplit = split;
         int ks = 0, per_sm = 0; long blocks = 0, tiles = 0; size_t smem = 0;
-        OK(dd_cuda_gemv_k1_info(&s, dq, ds, dz, 0, &v, &ks, &blocks, &tiles, &smem, &per_sm));
-        CHECK(ks != 0, "kernel 1 does not apply to %dx%d b%d g%d (smem %zu)", d_in, d_out, bits, gs, smem);
-        if (split) CHECK(ks == split, "kernel 1 k-split %d, asked %d", ks, split);
+        OK(dd_cuda_gemv_k2_info(&s, dq, ds, dz, 0, &v, &ks, &blocks, &tiles, &smem, &per_sm));
+        /* kernel 2 is planned for group 128 only; group 64 must fall back to kernel 0 (still checked) */
+        CHECK((ks != 0) == (gs == 128), "kernel 2 %s to %dx%d b%d g%d (smem %zu)", ks ? "applies" : "does not apply",
+              d_in, d_out, bits, gs, smem);
+        if (split && gs == 128) CHECK(ks == split, "kernel 2 k-split %d, asked %d", ks, split);
         if (split == 0)
-            printf("k1 plan %5d->%-5d bits %d g%3d: ksplit %d, %ld blocks for %ld tiles, %d blocks/SM, smem %zu B\n",
+            printf("k2 plan %5d->%-5d bits %d g%3d: ksplit %d, %ld blocks for %ld tiles, %d blocks/SM, smem %zu B\n",
                    d_in, d_out, bits, gs, ks, blocks, tiles, per_sm, smem);
         for (int off : {0, 1}) {
             if (off && split != 0) continue;
@@ -472,14 +474,14 @@ static void test_base_k1(int d_in, int d_out, int bits, int gs, bool all_splits)
                 std::vector<float> gy = download_half(dy, d_out);
                 int nf = 0;
                 const double e = rel_err(gy, acc ? ca : cy, &nf);
-                CHECK(nf == 0 && e < 2e-3, "k1 %dx%d b%d g%d ksplit %d x+%d acc %d: rel err %.2e, %d unwritten/non-finite",
+                CHECK(nf == 0 && e < 2e-3, "k2 %dx%d b%d g%d ksplit %d x+%d acc %d: rel err %.2e, %d unwritten/non-finite",
                       d_in, d_out, bits, gs, ks, off, acc, e, nf);
                 worst = std::max(worst, e);
                 runs++;
             }
         }
     }
-    printf("k1      %5d->%-5d bits %d g%3d: %d runs, worst rel err vs CPU %.2e\n", d_in, d_out, bits, gs, runs, worst);
+    printf("k2      %5d->%-5d bits %d g%3d: %d runs, worst rel err vs CPU %.2e\n", d_in, d_out, bits, gs, runs, worst);
     dd_cuda_free(dq); dd_cuda_free(ds); dd_cuda_free(dz); dd_cuda_free(dx); dd_cuda_free(dy);
 }
 
@@ -552,27 +554,27 @@ static int run_tests(int quick) {
         }
         test_layer(1024, 32768, 3, 128); /* default variant, tickets on the full grid */
     }
-    /* base kernel 1 (measurement variant): every shape above plus the Llama shapes, both bits and
-     * group sizes, every k-split on the shapes of at most 4096 x 4096 (env DD_TEST_K1=0 skips) */
-    const char *k1 = getenv("DD_TEST_K1");
-    if (!k1 || atoi(k1)) {
-        dd_cuda_variant v1 = {};
-        v1.base_kernel = 1;
-        test_base_float64(4096, 256, 4, 128, 20.f, &v1);
-        test_base_float64(4096, 256, 3, 128, 20.f, &v1);
-        test_base_float64(1000, 96, 3, 64, 20.f, &v1);
-        test_base_float64(14336, 64, 3, 128, 20.f, &v1);
-        const int k1_shapes[][2] = {{576, 192}, {1000, 96}, {1536, 576}, {2048 + 130, 320}, {4096, 1024}, {3000, 32},
+    /* base kernel 2 (measurement variant): every shape above plus the Llama shapes, both bits and
+     * group sizes, every k-split on the shapes of at most 4096 x 4096 (env DD_TEST_K2=0 skips) */
+    const char *k2 = getenv("DD_TEST_K2");
+    if (!k2 || atoi(k2)) {
+        dd_cuda_variant v2 = {};
+        v2.base_kernel = 2;
+        test_base_float64(4096, 256, 4, 128, 20.f, &v2);
+        test_base_float64(4096, 256, 3, 128, 20.f, &v2);
+        test_base_float64(1000, 96, 3, 64, 20.f, &v2);
+        test_base_float64(14336, 64, 3, 128, 20.f, &v2);
+        const int k2_shapes[][2] = {{576, 192}, {1000, 96}, {1536, 576}, {2048 + 130, 320}, {4096, 1024}, {3000, 32},
                                     {128, 32}, {14336, 256}, {4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 28672}};
-        for (auto &sh : k1_shapes)
+        for (auto &sh : k2_shapes)
             for (int bits : {3, 4})
                 for (int gs : {64, 128}) {
                     if (quick && sh[0] * (long)sh[1] > 4096L * 4096 && gs == 64) continue;
-                    test_base_k1(sh[0], sh[1], bits, gs, (long)sh[0] * sh[1] <= 4096L * 4096);
+                    test_base_k2(sh[0], sh[1], bits, gs, (long)sh[0] * sh[1] <= 4096L * 4096);
                 }
         /* the layer's base GEMV calls (k_chunk 0, serial, fork/join with DEC's atomics beside it) */
-        test_layer(1000, 320, 3, 128, &v1);
-        test_layer(2048 + 130, 1024, 4, 64, &v1);
+        test_layer(1000, 320, 3, 128, &v2);
+        test_layer(2048 + 130, 1024, 4, 64, &v2);
     }
     /* issue 7 regression: two streams / threads on one layer, tickets under contention */
     test_concurrent(1024, 32768, 3, nullptr);
@@ -614,12 +616,12 @@ static int run_bench(int quick) {
             printf("JSON {\"kind\":\"base\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"model\":\"%s\",\"bytes\":%zu,\"copies\":%d,\"us_read\":%.3f,\"us_base\":%.3f,\"base_over_read\":%.4f,\"base_gbs\":%.1f,\"pct_hbm\":%.1f}\n",
                    sh.d_in, sh.d_out, bits, sh.model, bytes, copies, t_read, t_base, t_read / t_base, bytes / (t_base * 1e3), 100.0 * bytes / (t_base * 1e3) / hbm);
             {
-                dd_cuda_variant v1 = {};
-                v1.base_kernel = 1;
-                double t_k1;
-                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v1, iters, reps, &t_k1));
-                printf("JSON {\"kind\":\"base_k1\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"us_read\":%.3f,\"us_base_k0\":%.3f,\"us_base_k1\":%.3f,\"k1_over_read\":%.4f,\"k1_pct_hbm\":%.1f,\"k1_speedup\":%.4f}\n",
-                       sh.d_in, sh.d_out, bits, t_read, t_base, t_k1, t_read / t_k1, 100.0 * bytes / (t_k1 * 1e3) / hbm, t_base / t_k1);
+                dd_cuda_variant v2 = {};
+                v2.base_kernel = 2;
+                double t_k2;
+                OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v2, iters, reps, &t_k2));
+                printf("JSON {\"kind\":\"base_k2\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"us_read\":%.3f,\"us_base_k0\":%.3f,\"us_base_k2\":%.3f,\"k2_over_read\":%.4f,\"k2_pct_hbm\":%.1f,\"k2_speedup\":%.4f}\n",
+                       sh.d_in, sh.d_out, bits, t_read, t_base, t_k2, t_read / t_k2, 100.0 * bytes / (t_k2 * 1e3) / hbm, t_base / t_k2);
             }
             for (int ntb : ntbs) {
                 double t_res, t_dec8;
@@ -741,16 +743,16 @@ static int run_parts(int quick) {
     return 0;
 }
 
-/* Base kernel 1 beside kernel 0 (production) on the six Llama shapes of bench/results/kernels.md,
- * same bench session (same weights, same rotation): read of the same bytes, kernel 0, kernel 1 by
+/* Base kernel 2 beside kernel 0 (production) on the six Llama shapes of bench/results/kernels.md,
+ * same bench session (same weights, same rotation): read of the same bytes, kernel 0, kernel 2 by
  * rule and at every k-split, both on every SM and on SMs - 16 (what DEC leaves).
- * Usage: cuda_harness k1cmp [quick]   (quick: group 128 only) */
-static int run_k1cmp(int quick) {
+ * Usage: cuda_harness k2cmp [quick]   (quick: group 128 only) */
+static int run_k2cmp(int quick) {
     char name[256];
     OK(dd_cuda_device_name(0, name, sizeof name));
     double hbm, zc, h2d;
     OK(dd_cuda_bench_bandwidth((size_t)2 << 30, 16, &hbm, &zc, &h2d));
-    printf("k1cmp on %s, HBM read %.0f GB/s\n", name, hbm);
+    printf("k2cmp on %s, HBM read %.0f GB/s\n", name, hbm);
     struct { int d_in, d_out; } shapes[] = {{4096, 4096}, {4096, 1024}, {4096, 14336}, {14336, 4096}, {8192, 8192}, {8192, 28672}};
     for (int gs : {128, 64}) {
         if (quick && gs == 64) continue;
@@ -767,10 +769,10 @@ static int run_k1cmp(int quick) {
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, NULL, iters, reps, &t0));
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, 16, NULL, iters, reps, &t0r));
                 dd_cuda_variant v = {};
-                v.base_kernel = 1;
+                v.base_kernel = 2;
                 int ks = 0, per_sm = 0; long blocks = 0, tiles = 0; size_t smem = 0;
                 /* the plan for a 16/4-aligned allocation (what the session's copies are) */
-                OK(dd_cuda_gemv_k1_info(&s, (const void *)256, (const void *)256, (const void *)256, 0, &v, &ks,
+                OK(dd_cuda_gemv_k2_info(&s, (const void *)256, (const void *)256, (const void *)256, 0, &v, &ks,
                                         &blocks, &tiles, &smem, &per_sm));
                 double t1, t1r, tk[4];
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v, iters, reps, &t1));
@@ -781,16 +783,16 @@ static int run_k1cmp(int quick) {
                     vs.base_ksplit = splits[i];
                     OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &vs, iters, reps, &tk[i]));
                 }
-                printf("K1CMP %5d x %5d %db g%3d: read %6.2f | k0 %6.2f us (%5.1f%% of read) | k1 %6.2f us (%5.1f%% of read, "
+                printf("K2CMP %5d x %5d %db g%3d: read %6.2f | k0 %6.2f us (%5.1f%% of read) | k2 %6.2f us (%5.1f%% of read, "
                        "%5.1f%% HBM, x%.2f) ksplit %d grid %ld/%ld tiles %d/SM smem %zu | split1 %6.2f 2 %6.2f 4 %6.2f 8 %6.2f | "
-                       "SMs-16: k0 %6.2f k1 %6.2f\n",
+                       "SMs-16: k0 %6.2f k2 %6.2f\n",
                        sh.d_in, sh.d_out, bits, gs, t_read, t0, 100 * t_read / t0, t1, 100 * t_read / t1,
                        100.0 * bytes / (t1 * 1e3) / hbm, t0 / t1, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3],
                        t0r, t1r);
-                printf("JSON {\"kind\":\"k1cmp\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"group_size\":%d,\"bytes\":%zu,\"us_read\":%.3f,"
-                       "\"us_k0\":%.3f,\"us_k1\":%.3f,\"k0_over_read\":%.4f,\"k1_over_read\":%.4f,\"k1_pct_hbm\":%.1f,\"ksplit\":%d,"
-                       "\"blocks\":%ld,\"tiles\":%ld,\"per_sm\":%d,\"smem\":%zu,\"us_k1_split1\":%.3f,\"us_k1_split2\":%.3f,"
-                       "\"us_k1_split4\":%.3f,\"us_k1_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k1_sm_minus16\":%.3f}\n",
+                printf("JSON {\"kind\":\"k2cmp\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"group_size\":%d,\"bytes\":%zu,\"us_read\":%.3f,"
+                       "\"us_k0\":%.3f,\"us_k2\":%.3f,\"k0_over_read\":%.4f,\"k2_over_read\":%.4f,\"k2_pct_hbm\":%.1f,\"ksplit\":%d,"
+                       "\"blocks\":%ld,\"tiles\":%ld,\"per_sm\":%d,\"smem\":%zu,\"us_k2_split1\":%.3f,\"us_k2_split2\":%.3f,"
+                       "\"us_k2_split4\":%.3f,\"us_k2_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k2_sm_minus16\":%.3f}\n",
                        sh.d_in, sh.d_out, bits, gs, bytes, t_read, t0, t1, t_read / t0, t_read / t1,
                        100.0 * bytes / (t1 * 1e3) / hbm, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3], t0r, t1r);
                 fflush(stdout);
@@ -800,12 +802,13 @@ static int run_k1cmp(int quick) {
     return 0;
 }
 
-/* Kernel 1 on small shapes only, every k-split: what compute-sanitizer memcheck / racecheck run. */
-static int run_k1race() {
+/* kernel 2 on small shapes only, every k-split: what compute-sanitizer memcheck / racecheck run. */
+static int run_k2race() {
     for (int bits : {3, 4}) {
-        test_base_k1(1000, 96, bits, 64, true);
-        test_base_k1(2048 + 130, 320, bits, 128, true);
-        test_base_k1(4096, 1024, bits, 128, true);
+        test_base_k2(1000, 96, bits, 128, true);
+        test_base_k2(576, 192, bits, 128, true);
+        test_base_k2(2048 + 130, 320, bits, 128, true);
+        test_base_k2(4096, 1024, bits, 128, true);
     }
     printf("%s: %d failure(s)\n", g_fail ? "TESTS FAILED" : "TESTS PASSED", g_fail);
     return g_fail ? 1 : 0;
@@ -820,7 +823,7 @@ int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "basecmp") == 0) return run_basecmp();
     if (argc > 1 && strcmp(argv[1], "parts") == 0) return run_parts(quick);
     if (argc > 1 && strcmp(argv[1], "race") == 0) return run_race();
-    if (argc > 1 && strcmp(argv[1], "k1cmp") == 0) return run_k1cmp(quick);
-    if (argc > 1 && strcmp(argv[1], "k1race") == 0) return run_k1race();
+    if (argc > 1 && strcmp(argv[1], "k2cmp") == 0) return run_k2cmp(quick);
+    if (argc > 1 && strcmp(argv[1], "k2race") == 0) return run_k2race();
     return run_tests(quick);
 }
