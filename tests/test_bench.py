@@ -49,7 +49,7 @@ def test_bench_kernels_on_a_small_gpu_tries_only_valid_n_tb(monkeypatch, capsys)
 
 
 def test_bench_kernels_times_the_base_kernel_variant_beside_production(monkeypatch, tmp_path, capsys):
-    """--base-kernel 1: one extra BENCH_BASE run per shape x bits carrying the variant dict; the
+    """--base-kernel 2: one extra BENCH_BASE run per shape x bits carrying the variant dict; the
     production runs carry none (the C side then runs kernel 0)."""
     calls = []
     modes = {"BENCH_BASE": 500, "BENCH_BASE_RESERVED": 501, "BENCH_FUSED": 502, "BENCH_SERIAL": 503,
@@ -66,11 +66,11 @@ def test_bench_kernels_times_the_base_kernel_variant_beside_production(monkeypat
     for name, value in fake.items():
         monkeypatch.setattr(decdec._C, name, value, raising=False)
     out = tmp_path / "k.json"
-    assert bench.main(["kernels", "--quick", "--no-peers", "--reps", "3", "--base-kernel", "1",
+    assert bench.main(["kernels", "--quick", "--no-peers", "--reps", "3", "--base-kernel", "2",
                        "--base-ksplit", "2", "--json", str(out)]) == 0
     var = [c for c in calls if c[4] is not None]
-    assert len(var) == 2 * 2 and all(c[1] == 500 and c[4] == {"base_kernel": 1, "base_ksplit": 2} for c in var)
+    assert len(var) == 2 * 2 and all(c[1] == 500 and c[4] == {"base_kernel": 2, "base_ksplit": 2} for c in var)
     recs = json.loads(out.read_text())
     base = [r for r in recs if r["kind"] == "base"]
     assert len(base) == 4 and all(r["us_variant"] == 5.0 and abs(r["variant_speedup"] - 2.0) < 1e-12 for r in base)
-    assert "base kernel 1 (ksplit 2)" in capsys.readouterr().out
+    assert "base kernel 2 (ksplit 2)" in capsys.readouterr().out

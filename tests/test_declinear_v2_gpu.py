@@ -353,10 +353,11 @@ def test_bench_variants_are_options():
     t = _C._cuda_bench_run(b, _C.BENCH_FUSED, 8, 4, 10, 3, variant={"layer_mode": 1, "base_rows": 2})
     assert t > 0
     assert _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3) > 0
-    # base kernel 1 (measurement variant), rule and forced k-split; out-of-range values refused
+    # base kernel 2 (measurement variant), rule and forced k-split; out-of-range values refused
+    # (1, the removed cp.async-ring kernel, included)
     for split in (0, 1, 8):
-        assert _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3, variant={"base_kernel": 1, "base_ksplit": split}) > 0
-    for bad in ({"base_kernel": 2}, {"base_kernel": 1, "base_ksplit": 3}):
+        assert _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3, variant={"base_kernel": 2, "base_ksplit": split}) > 0
+    for bad in ({"base_kernel": 1}, {"base_kernel": 3}, {"base_kernel": 2, "base_ksplit": 3}):
         with pytest.raises(Exception):
             _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3, variant=bad)
     with pytest.raises(ValueError, match="unknown field"):

@@ -737,23 +737,27 @@ __device__ __forceinline__ void k2_load_hi(K2Step<4, NP> &, const uint8_t *, int
 
 /* Shared memory of kernel 2: [staged x : d_in_pad halves | (bsum, xsum) per group | reduction
  * slots 2 x kWarps x kK2Rows]. */
-constexpr int kK2Pairs = 2;               /* row pairs per warp step (4 rows share one B read) */
+constexpr int kK2Pairs = 2;               /* most row pairs per warp step (rows share one B read) */
 constexpr int kK2Rows = 2 * kK2Pairs;
+/* blocks per SM the registers must allow: 4 at one row pair per step (32 warps per SM to hide the
+ * mma and shared-memory latencies), 2 at two (cur + next steps of 4 rows in registers) */
+template <int NP>
+struct K2MinBlocks { static constexpr int value = NP == 1 ? 4 : 2; };
 size_t k2_smem_bytes(int d_in_pad, int group_size) {
     return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / group_size) * 8 + 2 * kWarps * kK2Rows * 4;
 }
 
-template <int BITS>
-__global__ void __launch_bounds__(kThreads, 2)
+template <int BITS, int NP>
+__global__ void __launch_bounds__(kThreads, K2MinBlocks<NP>::value)
 gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__restrict__ scales,
                const unsigned short *__restrict__ zeros, const __half *__restrict__ x, __half *__restrict__ y,
                int d_in, int d_in_pad, int d_out, int accumulate, int ksplit) {
-    constexpr int NP = kK2Pairs, R = kK2Rows;
+    constexpr int R = 2 * NP;
     extern __shared__ uint4 smem_u4[];
     __half *xs = reinterpret_cast<__half *>(smem_u4);
     const int n_chunks = d_in_pad / kK2Chunk, n_groups = d_in_pad / 128;
     float2 *gsum = reinterpret_cast<float2 *>(xs + d_in_pad);
-    float *red = reinterpret_cast<float *>(gsum + n_groups); /* [2][kWarps][R] */
+    float *red = reinterpret_cast<float *>(gsum + n_groups); /* [2][kWarps][R] (sized for kK2Rows) */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2;
     const int row_bytes = d_in_pad * BITS / 8; /* < 2^31: d_in_pad <= the shared-memory limit */
     const int n_pass = (n_chunks + 31) / 32;
@@ -856,15 +860,19 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
         if (pass < n_pass) { /* warp-uniform */
             const bool valid = ch < n_chunks; /* uniform per lane group (n_chunks % 4 == 0) */
             const uint4 *xb = xs4 + (valid ? ch : 0);
-            float c[NP][4];
+            /* two independent accumulator chains per row pair (words 0-1 / 2-3): half the mma
+             * dependency chain, added once per step */
+            float c[NP][4], d[NP][4];
 #pragma unroll
-            for (int q = 0; q < NP; q++) c[q][0] = c[q][1] = c[q][2] = c[q][3] = 0.f;
+            for (int q = 0; q < NP; q++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) c[q][e] = d[q][e] = 0.f;
             if (BITS == 4) {
 #pragma unroll
                 for (int v = 0; v < 4; v++) {
                     const uint4 b = xb[v * n_chunks];
 #pragma unroll
-                    for (int q = 0; q < NP; q++) k2_word(c[q], cur.w[2 * q][v], cur.w[2 * q + 1][v], b, magic);
+                    for (int q = 0; q < NP; q++) k2_word(v < 2 ? c[q] : d[q], cur.w[2 * q][v], cur.w[2 * q + 1][v], b, magic);
                 }
             } else {
 #pragma unroll
@@ -875,11 +883,15 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
                     for (int q = 0; q < NP; q++) {
                         const uint32_t sp = spread16(cur.w[2 * q][2], sel), sq = spread16(cur.w[2 * q + 1][2], sel);
                         const uint32_t lp = cur.w[2 * q][l], lq = cur.w[2 * q + 1][l];
-                        k2_word(c[q], bit_select(0x33333333u, lp, sp << 2), bit_select(0x33333333u, lq, sq << 2), be, magic);
-                        k2_word(c[q], bit_select(0x33333333u, lp >> 2, sp), bit_select(0x33333333u, lq >> 2, sq), bo, magic);
+                        k2_word(l ? d[q] : c[q], bit_select(0x33333333u, lp, sp << 2), bit_select(0x33333333u, lq, sq << 2), be, magic);
+                        k2_word(l ? d[q] : c[q], bit_select(0x33333333u, lp >> 2, sp), bit_select(0x33333333u, lq >> 2, sq), bo, magic);
                     }
                 }
             }
+#pragma unroll
+            for (int q = 0; q < NP; q++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) c[q][e] += d[q][e];
             if (valid && useful) {
                 const float2 gs = gsum[ch >> 2];
 #pragma unroll
@@ -937,7 +949,7 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
  * runs kernel 0. */
 struct K2Plan {
     bool applies;
-    int ksplit, per_sm;
+    int ksplit, per_sm, rows;
     long blocks, tiles;
     size_t smem;
     void (*kernel)(const uint8_t *, const unsigned short *, const unsigned short *, const __half *, __half *, int,
@@ -960,7 +972,11 @@ dd_status plan_k2(const dd_shape *s, const void *d_qweight, const void *d_scales
     const int d_in_pad = dd_d_in_pad(s);
     P->smem = k2_smem_bytes(d_in_pad, s->group_size);
     if (P->smem > (size_t)smem_optin) return DD_OK;
-    P->kernel = s->bits == 4 ? gemv_k2_kernel<4> : gemv_k2_kernel<3>;
+    /* rows per lane and step: base_rows 2 = one row pair (4 blocks per SM), else (0 rule, 4) two */
+    const int np = v && v->base_rows == 2 ? 1 : 2;
+    P->rows = 2 * np;
+    P->kernel = s->bits == 4 ? (np == 1 ? gemv_k2_kernel<4, 1> : gemv_k2_kernel<4, 2>)
+                             : (np == 1 ? gemv_k2_kernel<3, 1> : gemv_k2_kernel<3, 2>);
     if (P->smem > 48 * 1024)
         DD_CK(cudaFuncSetAttribute(P->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)P->smem));
     DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&P->per_sm, P->kernel, kThreads, P->smem));
@@ -974,7 +990,7 @@ dd_status plan_k2(const dd_shape *s, const void *d_qweight, const void *d_scales
     if (!ksplit) {
         double best = 1e30;
         for (int k = 1; k <= 8; k *= 2) {
-            const long tiles = (long)s->d_out / (kK2Rows * (kWarps / k));
+            const long tiles = (long)s->d_out / (P->rows * (kWarps / k));
             const long blocks = std::min(tiles, slots);
             const long per_block = (tiles + blocks - 1) / blocks;
             const double cost = (double)per_block * (double)((n_pass + k - 1) / k) + (k > 1 ? 0.05 * per_block : 0.0);
@@ -982,7 +998,7 @@ dd_status plan_k2(const dd_shape *s, const void *d_qweight, const void *d_scales
         }
     }
     P->ksplit = ksplit;
-    P->tiles = (long)s->d_out / (kK2Rows * (kWarps / ksplit));
+    P->tiles = (long)s->d_out / (P->rows * (kWarps / ksplit));
     P->blocks = std::min(P->tiles, slots);
     P->applies = true;
     return DD_OK;

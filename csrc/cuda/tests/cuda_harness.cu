@@ -449,11 +449,13 @@ static void test_base_k2(int d_in, int d_out, int bits, int gs, bool all_splits)
     for (int i = 0; i < d_out; i++) { y0[i] = dd_float_to_half(gaussf()); ca[i] = cy[i] + dd_half_to_float(y0[i]); }
     double worst = 0;
     int runs = 0;
-    for (int split : {0, 1, 2, 4, 8}) {
+    for (int rows_split = 0; rows_split < 10; rows_split++) { /* rows per lane (rule / 2) x k-split */
+        const int rows = rows_split < 5 ? 0 : 2, split = (int[]){0, 1, 2, 4, 8}[rows_split % 5];
         if (!all_splits && split != 0) continue;
         dd_cuda_variant v = {};
         v.base_kernel = 2;
         v.base_ksplit = split;
+        v.base_rows = rows;
         int ks = 0, per_sm = 0; long blocks = 0, tiles = 0; size_t smem = 0;
         OK(dd_cuda_gemv_k2_info(&s, dq, ds, dz, 0, &v, &ks, &blocks, &tiles, &smem, &per_sm));
         /* kernel 2 is planned for group 128 only; group 64 must fall back to kernel 0 (still checked) */
@@ -461,8 +463,8 @@ static void test_base_k2(int d_in, int d_out, int bits, int gs, bool all_splits)
               d_in, d_out, bits, gs, smem);
         if (split && gs == 128) CHECK(ks == split, "kernel 2 k-split %d, asked %d", ks, split);
         if (split == 0)
-            printf("k2 plan %5d->%-5d bits %d g%3d: ksplit %d, %ld blocks for %ld tiles, %d blocks/SM, smem %zu B\n",
-                   d_in, d_out, bits, gs, ks, blocks, tiles, per_sm, smem);
+            printf("k2 plan %5d->%-5d bits %d g%3d rows %d: ksplit %d, %ld blocks for %ld tiles, %d blocks/SM, smem %zu B\n",
+                   d_in, d_out, bits, gs, rows ? rows : 4, ks, blocks, tiles, per_sm, smem);
         for (int off : {0, 1}) {
             if (off && split != 0) continue;
             OK(dd_cuda_memcpy(dx + off, hx.data(), d_in * 2, 0, NULL, 1));
@@ -777,6 +779,12 @@ static int run_k2cmp(int quick) {
                 double t1, t1r, tk[4];
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v, iters, reps, &t1));
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, 16, &v, iters, reps, &t1r));
+                double t2r;
+                {   /* one row pair per lane and step (4 blocks per SM) */
+                    dd_cuda_variant vr = v;
+                    vr.base_rows = 2;
+                    OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &vr, iters, reps, &t2r));
+                }
                 const int splits[4] = {1, 2, 4, 8};
                 for (int i = 0; i < 4; i++) {
                     dd_cuda_variant vs = v;
@@ -785,16 +793,16 @@ static int run_k2cmp(int quick) {
                 }
                 printf("K2CMP %5d x %5d %db g%3d: read %6.2f | k0 %6.2f us (%5.1f%% of read) | k2 %6.2f us (%5.1f%% of read, "
                        "%5.1f%% HBM, x%.2f) ksplit %d grid %ld/%ld tiles %d/SM smem %zu | split1 %6.2f 2 %6.2f 4 %6.2f 8 %6.2f | "
-                       "SMs-16: k0 %6.2f k2 %6.2f\n",
+                       "SMs-16: k0 %6.2f k2 %6.2f | rows 2: %6.2f us (%5.1f%% of read)\n",
                        sh.d_in, sh.d_out, bits, gs, t_read, t0, 100 * t_read / t0, t1, 100 * t_read / t1,
                        100.0 * bytes / (t1 * 1e3) / hbm, t0 / t1, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3],
-                       t0r, t1r);
+                       t0r, t1r, t2r, 100 * t_read / t2r);
                 printf("JSON {\"kind\":\"k2cmp\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"group_size\":%d,\"bytes\":%zu,\"us_read\":%.3f,"
                        "\"us_k0\":%.3f,\"us_k2\":%.3f,\"k0_over_read\":%.4f,\"k2_over_read\":%.4f,\"k2_pct_hbm\":%.1f,\"ksplit\":%d,"
                        "\"blocks\":%ld,\"tiles\":%ld,\"per_sm\":%d,\"smem\":%zu,\"us_k2_split1\":%.3f,\"us_k2_split2\":%.3f,"
-                       "\"us_k2_split4\":%.3f,\"us_k2_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k2_sm_minus16\":%.3f}\n",
+                       "\"us_k2_split4\":%.3f,\"us_k2_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k2_sm_minus16\":%.3f,\"us_k2_rows2\":%.3f}\n",
                        sh.d_in, sh.d_out, bits, gs, bytes, t_read, t0, t1, t_read / t0, t_read / t1,
-                       100.0 * bytes / (t1 * 1e3) / hbm, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3], t0r, t1r);
+                       100.0 * bytes / (t1 * 1e3) / hbm, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3], t0r, t1r, t2r);
                 fflush(stdout);
                 OK(dd_cuda_bench_destroy(b));
             }
