@@ -27,6 +27,15 @@
  *          16w..16w+15, element 16w+k in bits [2k, 2k+2).  hi plane: word w holds bit 2 of
  *          elements 32w..32w+31, element 32w+k in bit k.  Both planes are read with
  *          coalesced 16-byte loads (64 weights' low bits, 128 weights' high bits per load).
+ *   3-bit FIELDS (a device layout, not a storage format: artifacts stay planar; made by
+ *          dd_repack_fields3 for the tensor-core base kernel, same bytes per row).  Per chunk of
+ *          32 elements, three little-endian words: w0, w1 at bytes [8c, 8c+8) of the first
+ *          d_in_pad/4 bytes of the row, w2 at byte d_in_pad/4 + 4c.  Element 10w + f (f < 5)
+ *          in bits [3f, 3f+3) of word w, element 10w + f (5 <= f < 10) in bits
+ *          [16 + 3(f-5), 19 + 3(f-5)); element 30: bit b in bit 15 of word b; element 31: bit b
+ *          in bit 31 of word b.  So (w & 0x00070007) | 0x64006400 is elements (10w, 10w+5) as
+ *          the fp16 pair 1024 + q, and each further mask / shift gives the next pair: two codes
+ *          per LOP3, no bit spreading.
  *
  * RESIDUAL CHEATSHEET (R_hat): symmetric 4-bit codes c in -7..7, one fp16 scale per output
  * channel: R_hat[i, o] = rscales[o] * c[i, o].  Stored INPUT-CHANNEL-MAJOR: input channel
@@ -122,6 +131,10 @@ size_t dd_weight_nbytes(const dd_shape *s);   /* GPU-resident: qweight + scales 
                                                * scales + thresholds */
 size_t dd_residual_nbytes(const dd_shape *s); /* the cheatsheet's codes (host, pinned) */
 size_t dd_fetch_nbytes(const dd_shape *s, int32_t k_chunk); /* residual bytes fetched per token */
+
+/* 3-bit planar -> 3-bit FIELDS (layout above), d_out rows of dd_qweight_row_bytes each; `fields`
+ * must not overlap `planar`.  DD_ERR_INVALID_ARGUMENT unless s is a valid 3-bit shape. */
+dd_status dd_repack_fields3(const dd_shape *s, const uint8_t *planar, uint8_t *fields);
 
 /* Bucket floors (fp32) from thresholds for a layer total k (k >= 1). */
 void dd_bucket_floors(const float *thresholds, int32_t k_total, float floors[DD_NUM_BUCKETS]);

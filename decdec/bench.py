@@ -202,9 +202,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7, help="graph replays per measurement (median)")
     p.add_argument("--no-peers", action="store_true", help="skip the torch peers")
     p.add_argument("--json", help="write the records here (JSON list), atomically")
-    p.add_argument("--base-kernel", type=int, choices=[0, 2], default=0,
+    p.add_argument("--base-kernel", type=int, choices=[0, 2, 3], default=0,
                    help="also time this base GEMV kernel (dd_cuda_variant.base_kernel; 2 = kernel 2, the "
-                        "tensor-core measurement variant) beside the production kernel, same session (kernels only)")
+                        "tensor-core measurement variant; 3 = kernel 2 on the 3-bit FIELDS layout) beside "
+                        "the production kernel, same session (kernels only)")
     p.add_argument("--base-ksplit", type=int, choices=[0, 1, 2, 4, 8], default=0,
                    help="kernel 2's input-dimension split over a block's warps (0 = its rule)")
     args = p.parse_args(argv)

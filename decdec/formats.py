@@ -111,6 +111,51 @@ def unpack_weight(packed: np.ndarray, bits: int, d_in: int) -> np.ndarray:
     return q[:, :d_in]
 
 
+def fields3_from_codes(codes: np.ndarray) -> np.ndarray:
+    """3-bit codes uint8 [d_out, d_in] -> the FIELDS device layout of decdec.h (the tensor-core base
+    kernel's; not a storage format): per 32-element chunk c, words w0, w1 at bytes [8c, 8c+8) and w2
+    at byte d_pad/4 + 4c of the row; element 10w+f in bits 3f (f < 5) or 16+3(f-5) of word w;
+    elements 30 / 31: their bit b in bit 15 / 31 of word b.  Same bytes per row as planar."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError("codes must be 2-D [d_out, d_in]")
+    if codes.size and int(codes.max()) >= 8:
+        raise ValueError("codes must lie in [0, 8)")
+    d_out, d_in = codes.shape
+    d_pad = padded_in_features(d_in)
+    q = np.zeros((d_out, d_pad), np.uint32)
+    q[:, :d_in] = codes
+    q = q.reshape(d_out, d_pad // 32, 32)
+    words = np.zeros((d_out, d_pad // 32, 3), np.uint32)
+    for e in range(30):
+        w, f = divmod(e, 10)
+        words[..., w] |= q[..., e] << np.uint32(3 * f if f < 5 else 16 + 3 * (f - 5))
+    for e, bit in ((30, 15), (31, 31)):
+        for b in range(3):
+            words[..., b] |= ((q[..., e] >> np.uint32(b)) & np.uint32(1)) << np.uint32(bit)
+    lo = words[..., :2].astype("<u4").reshape(d_out, -1).view(np.uint8)
+    hi = words[..., 2].astype("<u4").reshape(d_out, -1).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([lo, hi], axis=1))
+
+
+def codes_from_fields3(fields: np.ndarray, d_in: int) -> np.ndarray:
+    """Inverse of fields3_from_codes: uint8 [d_out, d_in] codes."""
+    fields = np.asarray(fields, np.uint8)
+    d_out, d_pad = fields.shape[0], padded_in_features(d_in)
+    if fields.shape != (d_out, qweight_row_bytes(d_in, 3)):
+        raise ValueError(f"fields must have shape ({d_out}, {qweight_row_bytes(d_in, 3)}), got {fields.shape}")
+    lo = np.ascontiguousarray(fields[:, : d_pad // 4]).view("<u4").reshape(d_out, -1, 2)
+    hi = np.ascontiguousarray(fields[:, d_pad // 4:]).view("<u4").reshape(d_out, -1, 1)
+    words = np.concatenate([lo, hi], axis=2).astype(np.uint32)
+    q = np.zeros((d_out, d_pad // 32, 32), np.uint8)
+    for e in range(30):
+        w, f = divmod(e, 10)
+        q[..., e] = (words[..., w] >> np.uint32(3 * f if f < 5 else 16 + 3 * (f - 5))) & np.uint32(7)
+    for e, bit in ((30, 15), (31, 31)):
+        q[..., e] = sum((((words[..., b] >> np.uint32(bit)) & np.uint32(1)) << np.uint32(b)) for b in range(3))
+    return q.reshape(d_out, d_pad)[:, :d_in]
+
+
 def pack_residual(codes: np.ndarray) -> np.ndarray:
     """Signed codes int [d_in, d_out] in [-7, 7] -> uint8 [d_in, d_out // 2] (nibble = code + 8)."""
     codes = np.asarray(codes)

@@ -357,7 +357,8 @@ def test_bench_variants_are_options():
     # (1, the removed cp.async-ring kernel, included)
     for split in (0, 1, 8):
         assert _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3, variant={"base_kernel": 2, "base_ksplit": split}) > 0
-    for bad in ({"base_kernel": 1}, {"base_kernel": 3}, {"base_kernel": 2, "base_ksplit": 3}):
+    assert _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3, variant={"base_kernel": 3, "base_rows": 2}) > 0
+    for bad in ({"base_kernel": 1}, {"base_kernel": 4}, {"base_kernel": 2, "base_ksplit": 3}):
         with pytest.raises(Exception):
             _C._cuda_bench_run(b, _C.BENCH_BASE, 0, 0, 10, 3, variant=bad)
     with pytest.raises(ValueError, match="unknown field"):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import decdec
-from decdec import formats
+from decdec import _C, formats
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -61,3 +61,38 @@ def test_bucket_floors_match_c_bit_for_bit():
         np.testing.assert_array_equal(c.view(np.uint32), py.view(np.uint32))
         assert (np.diff(c) <= 0).all()  # non-increasing
         assert c[0] == t[0] and c[15] == t[k - 1] and c[31] == 0
+
+
+@pytest.mark.parametrize("d_in", [128, 576, 1000, 4096 + 64])
+def test_fields3_layout_round_trips_and_matches_the_c_repack(d_in):
+    """The 3-bit FIELDS device layout (decdec.h): codes -> fields -> codes is exact, the C repack of
+    the planar rows gives the NumPy layout bit for bit, and the documented positions hold (element
+    10w+f of a chunk in word w at bit 3f / 16+3(f-5); elements 30, 31 spread over bits 15 / 31)."""
+    rng = np.random.default_rng(d_in)
+    codes = rng.integers(0, 8, size=(64, d_in), dtype=np.uint8)
+    fields = formats.fields3_from_codes(codes)
+    assert fields.shape == (64, formats.qweight_row_bytes(d_in, 3))
+    np.testing.assert_array_equal(formats.codes_from_fields3(fields, d_in), codes)
+    np.testing.assert_array_equal(_C.repack_fields3(formats.pack_weight(codes, 3), d_in), fields)
+    d_pad = formats.padded_in_features(d_in)
+    one = np.zeros((32, d_in), np.uint8)
+    for e in range(32):
+        one[e, e] = 7 if e < 30 else 5          # chunk 0 only; 5 = bits 0 and 2
+    words = formats.fields3_from_codes(one)
+    w = np.concatenate([words[:, :8].view("<u4"), words[:, d_pad // 4: d_pad // 4 + 4].view("<u4")], axis=1)
+    for e in range(30):
+        word, f = divmod(e, 10)
+        expect = np.zeros(3, np.uint32)
+        expect[word] = 7 << (3 * f if f < 5 else 16 + 3 * (f - 5))
+        np.testing.assert_array_equal(w[e], expect)
+    np.testing.assert_array_equal(w[30], [1 << 15, 0, 1 << 15])
+    np.testing.assert_array_equal(w[31], [1 << 31, 0, 1 << 31])
+
+
+def test_fields3_rejects_bad_input():
+    with pytest.raises(ValueError, match="codes must lie"):
+        formats.fields3_from_codes(np.full((32, 128), 8, np.uint8))
+    with pytest.raises(ValueError, match="rows must be"):
+        _C.repack_fields3(np.zeros((32, 47), np.uint8), 128)
+    with pytest.raises(ValueError, match="not a valid 3-bit layer"):
+        _C.repack_fields3(np.zeros((31, 48), np.uint8), 128)

@@ -148,3 +148,34 @@ uint16_t dd_float_to_half(float f) {
     if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) out++;
     return (uint16_t)(sign | out);
 }
+
+/* One row: codes from the planar layout, re-laid out chunk by chunk (decdec.h "3-bit FIELDS"). */
+dd_status dd_repack_fields3(const dd_shape *s, const uint8_t *planar, uint8_t *fields) {
+    if (dd_shape_check(s) != DD_OK || s->bits != 3 || !planar || !fields) return DD_ERR_INVALID_ARGUMENT;
+    const size_t rb = dd_qweight_row_bytes(s);
+    const int32_t d_pad = dd_d_in_pad(s), n_chunks = d_pad / 32;
+    for (int32_t o = 0; o < s->d_out; o++) {
+        const uint8_t *lo = planar + (size_t)o * rb, *hi = lo + d_pad / 4;
+        uint8_t *out = fields + (size_t)o * rb;
+        for (int32_t c = 0; c < n_chunks; c++) {
+            uint32_t w[3] = {0, 0, 0};
+            for (int32_t e = 0; e < 32; e++) {
+                const int32_t j = 32 * c + e;
+                const uint32_t q = ((lo[j >> 2] >> (2 * (j & 3))) & 3u) | (((hi[j >> 3] >> (j & 7)) & 1u) << 2);
+                if (e < 30) {
+                    const int32_t word = e / 10, f = e % 10;
+                    w[word] |= q << (f < 5 ? 3 * f : 16 + 3 * (f - 5));
+                } else {
+                    const int32_t bit = e == 30 ? 15 : 31;
+                    for (int32_t b = 0; b < 3; b++) w[b] |= ((q >> b) & 1u) << bit;
+                }
+            }
+            for (int32_t b = 0; b < 4; b++) {
+                out[8 * c + b] = (uint8_t)(w[0] >> (8 * b));
+                out[8 * c + 4 + b] = (uint8_t)(w[1] >> (8 * b));
+                out[d_pad / 4 + 4 * c + b] = (uint8_t)(w[2] >> (8 * b));
+            }
+        }
+    }
+    return DD_OK;
+}

@@ -117,13 +117,16 @@ typedef struct {
     int32_t base_kernel;    /* plain base GEMV (dd_cuda_gemv_base_v, DD_BENCH_BASE*, and the base
                              * GEMV calls of the serial / fork-join / k_chunk 0 layer paths):
                              * 0 = kernel 0 (production), 2 = kernel 2 (tensor-core mma.sync dot
-                             * products, docs/KERNELS.md "Base kernel 2"); falls back to 0 for
+                             * products, docs/KERNELS.md "Base kernel 2"), 3 = kernel 2 reading a
+                             * 3-bit qweight in the FIELDS layout (decdec.h, dd_repack_fields3; the
+                             * caller uploads that layout; 4-bit: as 2); falls back to 0 for
                              * group size 64, below sm_80, a qweight not 16-byte aligned or shared
                              * memory beyond the device's.  (1 was the cp.async-ring kernel: measured
                              * no faster than kernel 0 on the H200 and removed.)  The one-launch
                              * layer kernel (DD_PATH_FUSED) is not affected. */
     int32_t base_ksplit;    /* kernel 2's input-dimension split over a block's 8 warps: 0 rule
-                             * (fewest steps on the busiest block), 1, 2, 4, 8 */
+                             * (fewest steps on the busiest block), 1, 2, 4, 8.  Kernel 2 also reads
+                             * base_rows: 2 = one row pair per lane step (4 blocks/SM), else two */
 } dd_cuda_variant;
 
 typedef struct {

@@ -683,9 +683,24 @@ __device__ __forceinline__ void k2_word(float (&c)[4], uint32_t wp, uint32_t wq,
  * the even / odd elements of low-plane word l) and slot 0..3 = nibble pairs (0,4), (2,6), (1,5),
  * (3,7), the last two pre-divided by 16 (their codes enter as 1024 + 16 q); lanes reading
  * consecutive chunks read consecutive 16-byte vectors (no bank conflicts). */
-template <int BITS>
+template <int BITS, bool FIELDS>
 __device__ __forceinline__ int k2_staged_index(int j, int n_chunks, float *prescale) {
     const int ch = j >> 5, jj = j & 31;
+    if (FIELDS) { /* 3-bit FIELDS (decdec.h): fp16 pair h = 5 word + (f % 5), multipliers 1, 8, 64, 1, 8 */
+        int h, hi;
+        float m = 1.0f;
+        if (jj < 30) {
+            const int word = jj / 10, f = jj % 10, p = f % 5;
+            h = 5 * word + p;
+            hi = f / 5;
+            m = p == 1 || p == 4 ? 8.0f : p == 2 ? 64.0f : 1.0f;
+        } else {
+            h = 15;
+            hi = jj - 30;
+        }
+        *prescale = 1.0f / m;
+        return (((h >> 2) * n_chunks + ch) * 4 + (h & 3)) * 2 + hi;
+    }
     int v, a;
     if (BITS == 4) {
         v = jj >> 3;
@@ -699,6 +714,22 @@ __device__ __forceinline__ int k2_staged_index(int j, int n_chunks, float *presc
     const int slot = (i >> 1) | ((i & 1) << 1); /* pairs 0, 2 -> slots 0, 1; pairs 1, 3 -> 2, 3 */
     *prescale = (i & 1) ? 0.0625f : 1.0f;
     return ((v * n_chunks + ch) * 4 + slot) * 2 + hi;
+}
+
+/* 3-bit FIELDS: the 16 fp16 pairs (1024 + q each) of one row's chunk from its three words, 22
+ * instructions for 32 codes: per word 5 LOP3 + 1 shift, then the two spare-bit codes. */
+__device__ __forceinline__ void k2_fields_pairs(uint32_t (&h)[16], uint32_t w0, uint32_t w1, uint32_t w2, uint32_t magic) {
+    const uint32_t w[3] = {w0, w1, w2};
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const uint32_t t = w[k] >> 9;
+        h[5 * k + 0] = and_or(w[k], 0x00070007u, magic);
+        h[5 * k + 1] = and_or(w[k], 0x00380038u, magic);
+        h[5 * k + 2] = and_or(w[k], 0x01C001C0u, magic);
+        h[5 * k + 3] = and_or(t, 0x00070007u, magic);
+        h[5 * k + 4] = and_or(t, 0x00380038u, magic);
+    }
+    h[15] = and_or(w2 >> 13, 0x00040004u, and_or(w1 >> 14, 0x00020002u, and_or(w0 >> 15, 0x00010001u, magic)));
 }
 
 /* One step of a lane: NP row pairs x one chunk. */
@@ -735,7 +766,7 @@ __device__ __forceinline__ void k2_load_hi(K2Step<3, NP> &st, const uint8_t *hro
 template <int NP>
 __device__ __forceinline__ void k2_load_hi(K2Step<4, NP> &, const uint8_t *, int) {}
 
-/* Shared memory of kernel 2: [staged x : d_in_pad halves | (bsum, xsum) per group | reduction
+/* Shared memory of kernel 2: [staged x : d_in_pad halves | (bsum, xsum, 2^e, -) per group | reduction
  * slots 2 x kWarps x kK2Rows]. */
 constexpr int kK2Pairs = 2;               /* most row pairs per warp step (rows share one B read) */
 constexpr int kK2Rows = 2 * kK2Pairs;
@@ -744,10 +775,10 @@ constexpr int kK2Rows = 2 * kK2Pairs;
 template <int NP>
 struct K2MinBlocks { static constexpr int value = NP == 1 ? 4 : 2; };
 size_t k2_smem_bytes(int d_in_pad, int group_size) {
-    return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / group_size) * 8 + 2 * kWarps * kK2Rows * 4;
+    return (size_t)d_in_pad * 2 + (size_t)(d_in_pad / group_size) * 16 + 2 * kWarps * kK2Rows * 4;
 }
 
-template <int BITS, int NP>
+template <int BITS, int NP, bool FIELDS>
 __global__ void __launch_bounds__(kThreads, K2MinBlocks<NP>::value)
 gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__restrict__ scales,
                const unsigned short *__restrict__ zeros, const __half *__restrict__ x, __half *__restrict__ y,
@@ -756,7 +787,7 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
     extern __shared__ uint4 smem_u4[];
     __half *xs = reinterpret_cast<__half *>(smem_u4);
     const int n_chunks = d_in_pad / kK2Chunk, n_groups = d_in_pad / 128;
-    float2 *gsum = reinterpret_cast<float2 *>(xs + d_in_pad);
+    float4 *gsum = reinterpret_cast<float4 *>(xs + d_in_pad);
     float *red = reinterpret_cast<float *>(gsum + n_groups); /* [2][kWarps][R] (sized for kK2Rows) */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2;
     const int row_bytes = d_in_pad * BITS / 8; /* < 2^31: d_in_pad <= the shared-memory limit */
@@ -823,24 +854,36 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
                 }
             }
             const uint32_t w[4] = {rv.x, rv.y, rv.z, rv.w};
+            /* exact power-of-two normalisation per group (16 threads x 8 inputs): the group's
+             * largest |x| becomes [0.5, 1), so x / 16 or x / 64 stays normal in fp16 */
+            float f[8], mx = 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                f[k] = __half2float(__ushort_as_half((unsigned short)(w[k >> 1] >> (16 * (k & 1)))));
+                mx = fmaxf(mx, fabsf(f[k])); /* fmaxf skips NaN */
+            }
+#pragma unroll
+            for (int off = 8; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            int e = 0;
+            if (mx > 0.f && mx <= 3.0e38f) frexpf(mx, &e);
+            const float down = ldexpf(1.f, -e);
             float bsum = 0.f, xsum = 0.f;
 #pragma unroll
             for (int k = 0; k < 8; k++) {
-                const float f = __half2float(__ushort_as_half((unsigned short)(w[k >> 1] >> (16 * (k & 1)))));
                 float p;
-                const int idx = k2_staged_index<BITS>(vi * 8 + k, n_chunks, &p);
-                const __half b = __float2half_rn(f * p);
+                const int idx = k2_staged_index<BITS, FIELDS>(vi * 8 + k, n_chunks, &p);
+                const __half b = __float2half_rn(f[k] * down * p);
                 if (vi < n_vec) xs[idx] = b;
                 const float bf = __half2float(b);
                 bsum += bf;
-                xsum += bf * (p == 1.0f ? 1.0f : 16.0f); /* what the codes are multiplied by */
+                xsum += bf / p; /* what the codes are multiplied by (p a power of two: exact) */
             }
 #pragma unroll
             for (int off = 8; off; off >>= 1) {
                 bsum += __shfl_xor_sync(0xffffffffu, bsum, off);
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, off);
             }
-            if (vi < n_vec && (vi & 15) == 0) gsum[vi >> 4] = make_float2(bsum, xsum);
+            if (vi < n_vec && (vi & 15) == 0) gsum[vi >> 4] = make_float4(bsum, xsum, ldexpf(1.f, e), 0.f);
         }
     }
     __syncthreads();
@@ -874,6 +917,20 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
 #pragma unroll
                     for (int q = 0; q < NP; q++) k2_word(v < 2 ? c[q] : d[q], cur.w[2 * q][v], cur.w[2 * q + 1][v], b, magic);
                 }
+            } else if (FIELDS) {
+#pragma unroll
+                for (int q = 0; q < NP; q++) {
+                    uint32_t hp[16], hq[16];
+                    k2_fields_pairs(hp, cur.w[2 * q][0], cur.w[2 * q][1], cur.w[2 * q][2], magic);
+                    k2_fields_pairs(hq, cur.w[2 * q + 1][0], cur.w[2 * q + 1][1], cur.w[2 * q + 1][2], magic);
+#pragma unroll
+                    for (int v = 0; v < 4; v++) {
+                        const uint4 b = xb[v * n_chunks];
+                        float(&acc4)[4] = v < 2 ? c[q] : d[q];
+                        mma_16816(acc4, hp[4 * v], hq[4 * v], hp[4 * v + 1], hq[4 * v + 1], b.x, b.y);
+                        mma_16816(acc4, hp[4 * v + 2], hq[4 * v + 2], hp[4 * v + 3], hq[4 * v + 3], b.z, b.w);
+                    }
+                }
             } else {
 #pragma unroll
                 for (int l = 0; l < 2; l++) {
@@ -893,14 +950,14 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
 #pragma unroll
                 for (int e = 0; e < 4; e++) c[q][e] += d[q][e];
             if (valid && useful) {
-                const float2 gs = gsum[ch >> 2];
+                const float4 gs = gsum[ch >> 2]; /* (sum B, sum x, 2^e) of the group, normalised */
 #pragma unroll
                 for (int q = 0; q < NP; q++) {
                     const float cp = (g & 1) ? c[q][1] : c[q][0], cq = (g & 1) ? c[q][3] : c[q][2];
                     const float2 s2 = __half22float2(__halves2half2(__ushort_as_half(cur.s[2 * q]), __ushort_as_half(cur.s[2 * q + 1])));
                     const float2 z2 = __half22float2(__halves2half2(__ushort_as_half(cur.z[2 * q]), __ushort_as_half(cur.z[2 * q + 1])));
-                    acc[2 * q] = fmaf(s2.x, fmaf(-z2.x, gs.y, fmaf(-1024.f, gs.x, cp)), acc[2 * q]);
-                    acc[2 * q + 1] = fmaf(s2.y, fmaf(-z2.y, gs.y, fmaf(-1024.f, gs.x, cq)), acc[2 * q + 1]);
+                    acc[2 * q] = fmaf(s2.x * gs.z, fmaf(-z2.x, gs.y, fmaf(-1024.f, gs.x, cp)), acc[2 * q]);
+                    acc[2 * q + 1] = fmaf(s2.y * gs.z, fmaf(-z2.y, gs.y, fmaf(-1024.f, gs.x, cq)), acc[2 * q + 1]);
                 }
             }
         }
@@ -975,8 +1032,11 @@ dd_status plan_k2(const dd_shape *s, const void *d_qweight, const void *d_scales
     /* rows per lane and step: base_rows 2 = one row pair (4 blocks per SM), else (0 rule, 4) two */
     const int np = v && v->base_rows == 2 ? 1 : 2;
     P->rows = 2 * np;
-    P->kernel = s->bits == 4 ? (np == 1 ? gemv_k2_kernel<4, 1> : gemv_k2_kernel<4, 2>)
-                             : (np == 1 ? gemv_k2_kernel<3, 1> : gemv_k2_kernel<3, 2>);
+    /* base_kernel 3: the caller's 3-bit qweight is in the FIELDS layout (decdec.h) */
+    const bool fields = v && v->base_kernel == 3 && s->bits == 3;
+    P->kernel = s->bits == 4 ? (np == 1 ? gemv_k2_kernel<4, 1, false> : gemv_k2_kernel<4, 2, false>)
+                : fields     ? (np == 1 ? gemv_k2_kernel<3, 1, true> : gemv_k2_kernel<3, 2, true>)
+                             : (np == 1 ? gemv_k2_kernel<3, 1, false> : gemv_k2_kernel<3, 2, false>);
     if (P->smem > 48 * 1024)
         DD_CK(cudaFuncSetAttribute(P->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)P->smem));
     DD_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&P->per_sm, P->kernel, kThreads, P->smem));
@@ -1031,7 +1091,8 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
     int n_sm = 0, smem_optin = 0;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
-    if (v && v->base_kernel == 2) { /* measurement variant: kernel 2, else kernel 0 below */
+    if (v && (v->base_kernel == 2 || v->base_kernel == 3)) { /* measurement variant: kernel 2 (3: 3-bit
+                                                              * FIELDS layout), else kernel 0 below */
         bool launched = false;
         if ((st = gemv_k2_launch(s, d_qweight, d_scales, d_zeros, d_x, d_y, accumulate, n_sm_free, v,
                                  (cudaStream_t)stream, &launched)) != DD_OK || launched)

@@ -340,7 +340,7 @@ static bool rows_ok(int32_t r) { return r == 0 || r == 1 || r == 2 || r == 4; }
 static bool variant_ok(const dd_cuda_variant *v, int n_sm) {
     return rows_ok(v->base_rows) && (v->base_grid == 0 || v->base_grid == 1) && rows_ok(v->layer_rows) &&
            v->layer_mode >= 0 && v->layer_mode <= 3 && v->layer_grid_cap >= 0 && v->base_sm >= 0 &&
-           v->base_sm <= n_sm && (v->base_kernel == 0 || v->base_kernel == 2) &&
+           v->base_sm <= n_sm && (v->base_kernel == 0 || v->base_kernel == 2 || v->base_kernel == 3) &&
            (v->base_ksplit == 0 || v->base_ksplit == 1 || v->base_ksplit == 2 || v->base_ksplit == 4 ||
             v->base_ksplit == 8);
 }

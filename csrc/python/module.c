@@ -104,6 +104,49 @@ static PyObject *py_layer_nbytes(PyObject *m, PyObject *args, PyObject *kwds) {
                          (Py_ssize_t)dd_fetch_nbytes(&s, k_chunk));
 }
 
+static PyObject *py_repack_fields3(PyObject *m, PyObject *args) {
+    /* exposes dd_repack_fields3 (3-bit planar -> the FIELDS device layout) so tests can check the
+     * NumPy mirror bit for bit and benchmarks can upload the layout */
+    (void)m;
+    PyObject *q_obj;
+    int d_in;
+    if (!PyArg_ParseTuple(args, "Oi:repack_fields3", &q_obj, &d_in)) return NULL;
+    PyArrayObject *q = (PyArrayObject *)PyArray_FROMANY(q_obj, NPY_UINT8, 2, 2, NPY_ARRAY_CARRAY_RO);
+    if (!q) return NULL;
+    const npy_intp d_out = PyArray_DIM(q, 0);
+    if (d_out > INT32_MAX) {
+        Py_DECREF(q);
+        return PyErr_Format(PyExc_ValueError, "repack_fields3: %zd rows is too many", (Py_ssize_t)d_out);
+    }
+    dd_shape s = {d_in, (int32_t)d_out, 3, 128};
+    if (dd_shape_check(&s) != DD_OK) {
+        Py_DECREF(q);
+        return PyErr_Format(PyExc_ValueError, "repack_fields3: not a valid 3-bit layer of %zd rows x %d inputs",
+                            (Py_ssize_t)d_out, d_in);
+    }
+    if ((size_t)PyArray_DIM(q, 1) != dd_qweight_row_bytes(&s)) {
+        PyErr_Format(PyExc_ValueError, "repack_fields3: rows must be %zu bytes for %d inputs, got %zd",
+                     dd_qweight_row_bytes(&s), d_in, (Py_ssize_t)PyArray_DIM(q, 1));
+        Py_DECREF(q);
+        return NULL;
+    }
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(q), NPY_UINT8);
+    if (!out) {
+        Py_DECREF(q);
+        return NULL;
+    }
+    dd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dd_repack_fields3(&s, (const uint8_t *)PyArray_DATA(q), (uint8_t *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(q);
+    if (st != DD_OK) {
+        Py_DECREF(out);
+        return dd_py_raise(st, "repack_fields3");
+    }
+    return (PyObject *)out;
+}
+
 static PyObject *py_cuda_sm_count(PyObject *m, PyObject *args, PyObject *kwds) {
     (void)m;
     static char *kwlist[] = {"device", NULL};
@@ -136,6 +179,9 @@ static PyMethodDef module_methods[] = {
     {"n_tb_default", py_n_tb_default, METH_O, "n_tb_default(n_sm): the default n_tb on a GPU of n_sm multiprocessors"},
     {"cuda_sm_count", (PyCFunction)(void (*)(void))py_cuda_sm_count, METH_VARARGS | METH_KEYWORDS,
      "cuda_sm_count(device=0): multiprocessors of a CUDA device"},
+    {"repack_fields3", py_repack_fields3, METH_VARARGS,
+     "repack_fields3(packed, in_features) -> uint8 array: 3-bit planar rows in the FIELDS device layout "
+     "of decdec.h (the tensor-core base kernel's)"},
     {"layer_nbytes", (PyCFunction)(void (*)(void))py_layer_nbytes, METH_VARARGS | METH_KEYWORDS,
      "layer_nbytes(in_features, out_features, bits, group_size, k_chunk) -> {'weight', 'residual', "
      "'fetch'}: the byte rules of decdec.h (GPU-resident weights, residual codes, residual bytes "

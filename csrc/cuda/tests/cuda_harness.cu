@@ -444,18 +444,28 @@ static void test_base_k2(int d_in, int d_out, int bits, int gs, bool all_splits)
     OK(dd_cuda_malloc((void **)&dz, zr.size() * 2)); OK(dd_cuda_memcpy(dz, zr.data(), zr.size() * 2, 0, NULL, 1));
     OK(dd_cuda_malloc((void **)&dx, (d_in + 8) * 2));
     OK(dd_cuda_malloc((void **)&dy, d_out * 2));
+    /* 3-bit: the same codes in the FIELDS layout (decdec.h) for base_kernel 3 */
+    uint8_t *dqf = nullptr;
+    if (bits == 3) {
+        std::vector<uint8_t> qf(q.size());
+        OK(dd_repack_fields3(&s, q.data(), qf.data()));
+        OK(dd_cuda_malloc((void **)&dqf, qf.size())); OK(dd_cuda_memcpy(dqf, qf.data(), qf.size(), 0, NULL, 1));
+    }
     std::vector<uint16_t> y0(d_out);
     std::vector<float> ca(d_out);
     for (int i = 0; i < d_out; i++) { y0[i] = dd_float_to_half(gaussf()); ca[i] = cy[i] + dd_half_to_float(y0[i]); }
     double worst = 0;
     int runs = 0;
-    for (int rows_split = 0; rows_split < 10; rows_split++) { /* rows per lane (rule / 2) x k-split */
+    for (int kr = 0; kr < 20; kr++) { /* kernel (2, 3 = FIELDS) x rows per lane (rule / 2) x k-split */
+        const int kernel = kr < 10 ? 2 : 3, rows_split = kr % 10;
+        if (kernel == 3 && bits != 3) continue;
         const int rows = rows_split < 5 ? 0 : 2, split = (int[]){0, 1, 2, 4, 8}[rows_split % 5];
         if (!all_splits && split != 0) continue;
         dd_cuda_variant v = {};
-        v.base_kernel = 2;
+        v.base_kernel = kernel;
         v.base_ksplit = split;
         v.base_rows = rows;
+        uint8_t *dqk = kernel == 3 ? dqf : dq;
         int ks = 0, per_sm = 0; long blocks = 0, tiles = 0; size_t smem = 0;
         OK(dd_cuda_gemv_k2_info(&s, dq, ds, dz, 0, &v, &ks, &blocks, &tiles, &smem, &per_sm));
         /* kernel 2 is planned for group 128 only; group 64 must fall back to kernel 0 (still checked) */
@@ -471,19 +481,21 @@ static void test_base_k2(int d_in, int d_out, int bits, int gs, bool all_splits)
             for (int acc : {0, 1}) {
                 if (acc) OK(dd_cuda_memcpy(dy, y0.data(), d_out * 2, 0, NULL, 1));
                 else OK(dd_cuda_memset(dy, 0xFF, d_out * 2, NULL)); /* NaN poison */
-                OK(dd_cuda_gemv_base_v(&s, dq, ds, dz, dx + off, dy, acc, 0, &v, NULL));
+                /* group 64 falls back to kernel 0, which reads planar codes */
+                OK(dd_cuda_gemv_base_v(&s, gs == 128 ? dqk : dq, ds, dz, dx + off, dy, acc, 0, &v, NULL));
                 OK(dd_cuda_device_synchronize());
                 std::vector<float> gy = download_half(dy, d_out);
                 int nf = 0;
                 const double e = rel_err(gy, acc ? ca : cy, &nf);
-                CHECK(nf == 0 && e < 2e-3, "k2 %dx%d b%d g%d ksplit %d x+%d acc %d: rel err %.2e, %d unwritten/non-finite",
-                      d_in, d_out, bits, gs, ks, off, acc, e, nf);
+                CHECK(nf == 0 && e < 2e-3, "k%d %dx%d b%d g%d rows %d ksplit %d x+%d acc %d: rel err %.2e, %d unwritten/non-finite",
+                      kernel, d_in, d_out, bits, gs, rows, ks, off, acc, e, nf);
                 worst = std::max(worst, e);
                 runs++;
             }
         }
     }
     printf("k2      %5d->%-5d bits %d g%3d: %d runs, worst rel err vs CPU %.2e\n", d_in, d_out, bits, gs, runs, worst);
+    if (dqf) dd_cuda_free(dqf);
     dd_cuda_free(dq); dd_cuda_free(ds); dd_cuda_free(dz); dd_cuda_free(dx); dd_cuda_free(dy);
 }
 
@@ -779,11 +791,18 @@ static int run_k2cmp(int quick) {
                 double t1, t1r, tk[4];
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &v, iters, reps, &t1));
                 OK(dd_cuda_bench_run(b, DD_BENCH_BASE_RESERVED, 0, 16, &v, iters, reps, &t1r));
-                double t2r;
+                double t2r, t3 = 0, t3r = 0;
                 {   /* one row pair per lane and step (4 blocks per SM) */
                     dd_cuda_variant vr = v;
                     vr.base_rows = 2;
                     OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &vr, iters, reps, &t2r));
+                }
+                if (bits == 3) { /* the FIELDS layout (random codes either way: the timing is the layout's) */
+                    dd_cuda_variant vf = v;
+                    vf.base_kernel = 3;
+                    OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &vf, iters, reps, &t3));
+                    vf.base_rows = 2;
+                    OK(dd_cuda_bench_run(b, DD_BENCH_BASE, 0, 0, &vf, iters, reps, &t3r));
                 }
                 const int splits[4] = {1, 2, 4, 8};
                 for (int i = 0; i < 4; i++) {
@@ -793,16 +812,17 @@ static int run_k2cmp(int quick) {
                 }
                 printf("K2CMP %5d x %5d %db g%3d: read %6.2f | k0 %6.2f us (%5.1f%% of read) | k2 %6.2f us (%5.1f%% of read, "
                        "%5.1f%% HBM, x%.2f) ksplit %d grid %ld/%ld tiles %d/SM smem %zu | split1 %6.2f 2 %6.2f 4 %6.2f 8 %6.2f | "
-                       "SMs-16: k0 %6.2f k2 %6.2f | rows 2: %6.2f us (%5.1f%% of read)\n",
+                       "SMs-16: k0 %6.2f k2 %6.2f | rows 2: %6.2f us (%5.1f%% of read) | fields3 %6.2f (%5.1f%%) rows 2 %6.2f (%5.1f%%)\n",
                        sh.d_in, sh.d_out, bits, gs, t_read, t0, 100 * t_read / t0, t1, 100 * t_read / t1,
                        100.0 * bytes / (t1 * 1e3) / hbm, t0 / t1, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3],
-                       t0r, t1r, t2r, 100 * t_read / t2r);
+                       t0r, t1r, t2r, 100 * t_read / t2r, t3, t3 > 0 ? 100 * t_read / t3 : 0.0, t3r,
+                       t3r > 0 ? 100 * t_read / t3r : 0.0);
                 printf("JSON {\"kind\":\"k2cmp\",\"d_in\":%d,\"d_out\":%d,\"bits\":%d,\"group_size\":%d,\"bytes\":%zu,\"us_read\":%.3f,"
                        "\"us_k0\":%.3f,\"us_k2\":%.3f,\"k0_over_read\":%.4f,\"k2_over_read\":%.4f,\"k2_pct_hbm\":%.1f,\"ksplit\":%d,"
                        "\"blocks\":%ld,\"tiles\":%ld,\"per_sm\":%d,\"smem\":%zu,\"us_k2_split1\":%.3f,\"us_k2_split2\":%.3f,"
-                       "\"us_k2_split4\":%.3f,\"us_k2_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k2_sm_minus16\":%.3f,\"us_k2_rows2\":%.3f}\n",
+                       "\"us_k2_split4\":%.3f,\"us_k2_split8\":%.3f,\"us_k0_sm_minus16\":%.3f,\"us_k2_sm_minus16\":%.3f,\"us_k2_rows2\":%.3f,\"us_k3_fields\":%.3f,\"us_k3_fields_rows2\":%.3f}\n",
                        sh.d_in, sh.d_out, bits, gs, bytes, t_read, t0, t1, t_read / t0, t_read / t1,
-                       100.0 * bytes / (t1 * 1e3) / hbm, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3], t0r, t1r, t2r);
+                       100.0 * bytes / (t1 * 1e3) / hbm, ks, blocks, tiles, per_sm, smem, tk[0], tk[1], tk[2], tk[3], t0r, t1r, t2r, t3, t3r);
                 fflush(stdout);
                 OK(dd_cuda_bench_destroy(b));
             }
