@@ -50,12 +50,12 @@ def cmd_fetch(args) -> int:
 
 def cmd_quantize_stream(args) -> int:
     from . import stream
-    if args.model is None or not Path(args.model).expanduser().is_dir():
-        raise SystemExit(f"decdec: quantize --stream reads a Hugging Face safetensors directory "
-                         f"(--model DIR), got {args.model or 'the default SmolLM2 GGUF'}; convert a "
-                         f"GGUF with bench/scale.py convert")
+    model = args.model
+    if model is None:   # the default model: the SmolLM2 GGUF, fetched once
+        from .fetch import fetch_smollm2
+        model = fetch_smollm2(verbose=False)
     calib = _read_text(args.calib_text)
-    r = stream.stream_quantize(args.model, args.out, args.bits, method=args.method,
+    r = stream.stream_quantize(model, args.out, args.bits, method=args.method,
                                group_size=args.group_size, calib_tokens=calib,
                                n_windows=args.calib_windows, resume=args.resume,
                                overwrite=args.overwrite, workers=args.workers)
@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--stream", action="store_true",
-                   help="quantize block by block from a Hugging Face safetensors directory "
-                        "(memory: a few blocks, not the model); bits 3 or 4")
+                   help="quantize block by block from a Hugging Face safetensors directory or a GGUF "
+                        "file (memory: a few blocks, not the model); bits 3 or 4")
     s.add_argument("--resume", action="store_true",
                    help="with --stream: continue an interrupted run of the same settings")
     s.add_argument("--workers", type=int, default=None,

@@ -278,123 +278,187 @@ class _Meta:
 _REQUIRED = object()
 
 
+class GGUFCheckpoint:
+    """A llama-architecture GGUF file opened lazily: the layout, every hyperparameter and the
+    presence and shape of every tensor are checked at once; tensors are dequantized one at a time,
+    when asked for (the same interface as HFCheckpoint, so decdec.stream reads either).
+
+    wq / wk rows come back in rotate-half order (llama.cpp's converter interleaves them); the head
+    is the embedding matrix when the file has no output.weight. A file that is truncated, corrupt,
+    inconsistent or unsupported raises ValueError naming the file and the problem
+    (FileNotFoundError if it does not exist); tensors holding NaN or Inf are refused when read.
+    The file is memory-mapped (gguf.GGUFReader): pages it has read count in the resident set while
+    the checkpoint lives.
+    """
+
+    def __init__(self, path: str | Path):
+        try:
+            import gguf
+            from gguf import GGUFReader
+        except ImportError as e:  # pragma: no cover - gguf is a hard dependency
+            raise ImportError("reading GGUF files needs the PyPI package `gguf`") from e
+        self._gguf = gguf
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        self.path = path
+        # Lengths, counts, types and tensor data ranges are checked against the file size first:
+        # GGUFReader slices its memmap unchecked and then fails with NumPy's view/reshape messages.
+        self.layout = layout = check_gguf_layout(path)
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as e:  # noqa: BLE001 -- re-raised with the file named
+            raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+        self.meta = meta = _gguf_fields(reader)
+        m = _Meta(meta, path.name)
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{path.name}: unsupported GGUF architecture {arch!r:.60} (only 'llama')")
+        R = _REQUIRED
+
+        dim = m.int("llama.embedding_length", R)
+        n_heads = m.int("llama.attention.head_count", R)
+        n_kv = m.int("llama.attention.head_count_kv", n_heads)
+        head_dim = m.int("llama.attention.key_length", max(dim // n_heads, 1))
+        if m.int("llama.attention.value_length", head_dim) != head_dim:
+            raise ValueError(f"{path.name}: different key and value head sizes are not supported")
+        rope_dims = m.int("llama.rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise ValueError(f"{path.name}: partial RoPE ({rope_dims} of {head_dim} dims) unsupported")
+        scaling = meta.get("llama.rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise ValueError(f"{path.name}: RoPE scaling {scaling!r:.60} is not supported")
+        if m.int("llama.expert_count", 0, lo=0):
+            raise ValueError(f"{path.name}: mixture-of-experts models are not supported")
+
+        self.tensors = tensors = {t.name: t for t in reader.tensors}
+        if "rope_freqs.weight" in tensors:
+            raise ValueError(f"{path.name}: per-frequency RoPE factors (rope_freqs) are not supported")
+        if tensors.get("token_embd.weight") is None:
+            raise ValueError(f"{path.name}: tensor token_embd.weight missing")
+        vocab = m.int("llama.vocab_size", int(layout["tensors"]["token_embd.weight"][1][-1]))
+        n_layers = m.int("llama.block_count", R)
+        ffn = m.int("llama.feed_forward_length", R)
+        tie = "output.weight" not in tensors
+        bos, eos = (m.int(k, None, lo=0, hi=vocab - 1) for k in
+                    ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"))
+        config = LlamaConfig(
+            dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            ffn_dim=ffn, vocab_size=vocab,
+            norm_eps=m.float("llama.attention.layer_norm_rms_epsilon", R),
+            rope_theta=m.float("llama.rope.freq_base", 10000.0),
+            tie_embeddings=tie, max_seq_len=m.int("llama.context_length", 2048),
+            bos_id=bos, eos_id=eos)
+        try:
+            config.validate()
+        except ValueError as e:
+            raise ValueError(f"{path.name}: inconsistent hyperparameters: {e}") from None
+        self.config = config
+        self.shapes = {"wq": (n_heads * head_dim, dim), "wk": (n_kv * head_dim, dim),
+                       "wv": (n_kv * head_dim, dim), "wo": (dim, n_heads * head_dim),
+                       "w_gate": (ffn, dim), "w_up": (ffn, dim), "w_down": (dim, ffn)}
+        self._check_shape("token_embd.weight", (vocab, dim))
+        for i in range(n_layers):   # every tensor present with its shape before any is dequantized
+            for name in [f"blk.{i}.attn_norm.weight", f"blk.{i}.ffn_norm.weight"] + \
+                    [f"blk.{i}.{_GGUF_LINEAR[n]}.weight" for n in LINEAR_NAMES]:
+                if name not in tensors:
+                    raise ValueError(f"{path.name}: tensor {name} missing "
+                                     f"(llama.block_count says {n_layers} blocks)")
+
+    @property
+    def head_tied(self) -> bool:
+        """True when the head is the embedding matrix (the file has no output.weight)."""
+        return self.config.tie_embeddings
+
+    def _check_shape(self, name, shape):
+        if name not in self.tensors:
+            raise ValueError(f"{self.path.name}: tensor {name} missing")
+        # NumPy order is ggml's dims reversed: [d_out, d_in] for matrices. Checked before any
+        # dequantization, so a lying shape costs nothing.
+        np_shape = tuple(int(d) for d in reversed(self.layout["tensors"][name][1]))
+        if np_shape != tuple(shape):
+            raise ValueError(f"{self.path.name}: tensor {name} has shape {np_shape}, expected {shape}")
+
+    def read(self, name: str, shape, rows: tuple | None = None) -> np.ndarray:
+        """Tensor `name` (of `shape`) dequantized to float32 and checked (shape, finite); `rows`
+        (start, stop) reads only those rows of a matrix (its blocks are row-contiguous)."""
+        self._check_shape(name, shape)
+        t = self.tensors[name]
+        data = t.data
+        if rows is not None:
+            start, stop = rows
+            if not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"rows {start}..{stop} outside tensor {name} of {shape[0]} rows")
+            data = data[start:stop]
+            shape = (stop - start,) + tuple(shape[1:])
+        try:
+            arr = np.asarray(self._gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 -- gguf's errors are NumPy's or NotImplementedError
+            raise ValueError(f"{self.path.name}: tensor {name} ({t.tensor_type.name}) cannot be "
+                             f"dequantized: {e}") from e
+        if arr.shape != tuple(shape):
+            raise ValueError(f"{self.path.name}: tensor {name} has shape {arr.shape}, expected {shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{self.path.name}: tensor {name} holds NaN or Inf values (corrupt file)")
+        return np.ascontiguousarray(arr)
+
+    def layer(self, i: int) -> dict:
+        """Block i's float32 weights: the two norms and LINEAR_NAMES (wq / wk in rotate-half order)."""
+        c = self.config
+        if not 0 <= i < c.n_layers:
+            raise ValueError(f"block {i} outside 0..{c.n_layers - 1}")
+        layer = {"attn_norm": self.read(f"blk.{i}.attn_norm.weight", (c.dim,)),
+                 "ffn_norm": self.read(f"blk.{i}.ffn_norm.weight", (c.dim,))}
+        for name in LINEAR_NAMES:
+            layer[name] = self.read(f"blk.{i}.{_GGUF_LINEAR[name]}.weight", self.shapes[name])
+        layer["wq"] = unpermute_gguf_qk(layer["wq"], c.n_heads)
+        layer["wk"] = unpermute_gguf_qk(layer["wk"], c.n_kv_heads)
+        return layer
+
+    def norm(self) -> np.ndarray:
+        return self.read("output_norm.weight", (self.config.dim,))
+
+    def embedding_rows(self, start: int, stop: int, head: bool = False) -> np.ndarray:
+        """Rows of the token embeddings (or of the untied head) as float32."""
+        c = self.config
+        name = "output.weight" if head and not self.head_tied else "token_embd.weight"
+        return self.read(name, (c.vocab_size, c.dim), rows=(start, stop))
+
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = _gguf_tokenizer(self.meta, self.path.name)
+        if tokenizer.vocab_size != self.config.vocab_size:
+            raise ValueError(f"{self.path.name}: tokenizer has {tokenizer.vocab_size} tokens, model "
+                             f"{self.config.vocab_size}")
+        return tokenizer
+
+    def fingerprint(self) -> str:
+        """sha256 over the file's size and its header (metadata and tensor table, up to the data):
+        what a resumed run checks to know it reads the file it started on."""
+        import hashlib
+        h = hashlib.sha256(f"gguf\0{self.path.stat().st_size}\0".encode())
+        with open(self.path, "rb") as f:
+            h.update(f.read(int(self.layout["data_offset"])))
+        return h.hexdigest()
+
+
 def load_gguf(path: str | Path) -> tuple[LlamaWeights, Tokenizer]:
     """Read a llama-architecture GGUF file: every hyperparameter from its metadata, every tensor
-    dequantized to float32, wq/wk rows put back in rotate-half order, tied head if no output.weight.
+    dequantized to float32, wq/wk rows put back in rotate-half order, tied head if no output.weight
+    (all through GGUFCheckpoint, which decdec.stream reads block by block).
 
     A file that is truncated, corrupt, inconsistent or unsupported raises ValueError naming the file
     and the problem (FileNotFoundError if it does not exist); tensors holding NaN or Inf are refused.
     """
-    try:
-        import gguf
-        from gguf import GGUFReader
-    except ImportError as e:  # pragma: no cover - gguf is a hard dependency
-        raise ImportError("load_gguf needs the PyPI package `gguf`") from e
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    # Lengths, counts, types and tensor data ranges are checked against the file size first:
-    # GGUFReader slices its memmap unchecked and then fails with NumPy's view/reshape messages.
-    layout = check_gguf_layout(path)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file named
-        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-    meta = _gguf_fields(reader)
-    m = _Meta(meta, path.name)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path.name}: unsupported GGUF architecture {arch!r:.60} (only 'llama')")
-    R = _REQUIRED
-
-    dim = m.int("llama.embedding_length", R)
-    n_heads = m.int("llama.attention.head_count", R)
-    n_kv = m.int("llama.attention.head_count_kv", n_heads)
-    head_dim = m.int("llama.attention.key_length", max(dim // n_heads, 1))
-    if m.int("llama.attention.value_length", head_dim) != head_dim:
-        raise ValueError(f"{path.name}: different key and value head sizes are not supported")
-    rope_dims = m.int("llama.rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
-        raise ValueError(f"{path.name}: partial RoPE ({rope_dims} of {head_dim} dims) unsupported")
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ValueError(f"{path.name}: RoPE scaling {scaling!r:.60} is not supported")
-    if m.int("llama.expert_count", 0, lo=0):
-        raise ValueError(f"{path.name}: mixture-of-experts models are not supported")
-
-    tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ValueError(f"{path.name}: per-frequency RoPE factors (rope_freqs) are not supported")
-
-    def tensor(name, shape):
-        if name not in tensors:
-            raise ValueError(f"{path.name}: tensor {name} missing")
-        t = tensors[name]
-        # NumPy order is ggml's dims reversed: [d_out, d_in] for matrices. Checked before any
-        # dequantization, so a lying shape costs nothing.
-        np_shape = tuple(int(d) for d in reversed(layout["tensors"][name][1]))
-        if np_shape != tuple(shape):
-            raise ValueError(f"{path.name}: tensor {name} has shape {np_shape}, expected {shape}")
-        try:
-            arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        except Exception as e:  # noqa: BLE001 -- gguf's errors are NumPy's or NotImplementedError
-            raise ValueError(f"{path.name}: tensor {name} ({t.tensor_type.name}) cannot be "
-                             f"dequantized: {e}") from e
-        if arr.shape != tuple(shape):
-            raise ValueError(f"{path.name}: tensor {name} has shape {arr.shape}, expected {shape}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{path.name}: tensor {name} holds NaN or Inf values (corrupt file)")
-        return np.ascontiguousarray(arr)
-
-    tok_embd_t = tensors.get("token_embd.weight")
-    if tok_embd_t is None:
-        raise ValueError(f"{path.name}: tensor token_embd.weight missing")
-    vocab = m.int("llama.vocab_size", int(layout["tensors"]["token_embd.weight"][1][-1]))
-    n_layers = m.int("llama.block_count", R)
-    ffn = m.int("llama.feed_forward_length", R)
-    tie = "output.weight" not in tensors
-    bos, eos = (m.int(k, None, lo=0, hi=vocab - 1) for k in
-                ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"))
-    config = LlamaConfig(
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-        ffn_dim=ffn, vocab_size=vocab,
-        norm_eps=m.float("llama.attention.layer_norm_rms_epsilon", R),
-        rope_theta=m.float("llama.rope.freq_base", 10000.0),
-        tie_embeddings=tie, max_seq_len=m.int("llama.context_length", 2048),
-        bos_id=bos, eos_id=eos)
-    try:
-        config.validate()
-    except ValueError as e:
-        raise ValueError(f"{path.name}: inconsistent hyperparameters: {e}") from None
-
-    tok_embeddings = tensor("token_embd.weight", (vocab, dim))
-    shapes = {"wq": (n_heads * head_dim, dim), "wk": (n_kv * head_dim, dim),
-              "wv": (n_kv * head_dim, dim), "wo": (dim, n_heads * head_dim),
-              "w_gate": (ffn, dim), "w_up": (ffn, dim), "w_down": (dim, ffn)}
-    for i in range(n_layers):   # every tensor present with its shape before any is dequantized
-        for name in [f"blk.{i}.attn_norm.weight", f"blk.{i}.ffn_norm.weight"] + \
-                [f"blk.{i}.{_GGUF_LINEAR[n]}.weight" for n in LINEAR_NAMES]:
-            if name not in tensors:
-                raise ValueError(f"{path.name}: tensor {name} missing "
-                                 f"(llama.block_count says {n_layers} blocks)")
-    layers = []
-    for i in range(n_layers):
-        layer = {"attn_norm": tensor(f"blk.{i}.attn_norm.weight", (dim,)),
-                 "ffn_norm": tensor(f"blk.{i}.ffn_norm.weight", (dim,))}
-        for name in LINEAR_NAMES:
-            layer[name] = tensor(f"blk.{i}.{_GGUF_LINEAR[name]}.weight", shapes[name])
-        layer["wq"] = unpermute_gguf_qk(layer["wq"], n_heads)
-        layer["wk"] = unpermute_gguf_qk(layer["wk"], n_kv)
-        layers.append(layer)
-    norm = tensor("output_norm.weight", (dim,))
-    lm_head = tok_embeddings if tie else tensor("output.weight", (vocab, dim))
-    weights = LlamaWeights(config=config, tok_embeddings=tok_embeddings, layers=layers,
+    ck = GGUFCheckpoint(path)
+    c = ck.config
+    tok_embeddings = ck.read("token_embd.weight", (c.vocab_size, c.dim))
+    layers = [ck.layer(i) for i in range(c.n_layers)]
+    norm = ck.norm()
+    lm_head = tok_embeddings if ck.head_tied else ck.read("output.weight", (c.vocab_size, c.dim))
+    weights = LlamaWeights(config=c, tok_embeddings=tok_embeddings, layers=layers,
                            norm=norm, lm_head=lm_head)
     weights.validate()
-    tokenizer = _gguf_tokenizer(meta, path.name)
-    if tokenizer.vocab_size != vocab:
-        raise ValueError(f"{path.name}: tokenizer has {tokenizer.vocab_size} tokens, model {vocab}")
-    return weights, tokenizer
+    return weights, ck.tokenizer()
 
 
 def _gguf_tokenizer(meta: dict, fname: str) -> Tokenizer:

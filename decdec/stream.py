@@ -1,4 +1,5 @@
-"""Streaming quantizer: a Hugging Face checkpoint to a DecDEC artifact, one decoder block at a time.
+"""Streaming quantizer: a Hugging Face checkpoint (or a GGUF file) to a DecDEC artifact, one decoder
+block at a time.
 
 decdec.pipeline.quantize_models holds the whole model as float32 (an 8B model: ~32 GB). This module
 computes the same artifact holding only
@@ -13,7 +14,7 @@ thresholds from the *float reference* model (thresholds in each block's folded b
 layer input divided by the block's AWQ scale), never from the quantized model. Block l's
 statistics and thresholds therefore depend only on the float residual stream entering block l, and
 the stream advances through the float block. Per block:
-  1. read block l's weights (HFCheckpoint.layer);
+  1. read block l's weights (HFCheckpoint.layer / GGUFCheckpoint.layer);
   2. run the float block over every window (decdec.model.block_forward, the function
      LlamaModel.forward runs), collecting the Gram statistics (pipeline.GramCollector) and giving
      the stream entering block l + 1 (checkpointed to disk for resume);
@@ -341,9 +342,11 @@ def stream_quantize(source, out_dir, bits=3, *, method: str = "awq", group_size:
                     overwrite: bool = False, progress: bool = True, workers: int | None = None,
                     alpha_grid=_awq.DEFAULT_ALPHA_GRID, clip_grid=_awq.DEFAULT_CLIP_GRID,
                     on_block_done=None) -> StreamResult:
-    """Quantize a Hugging Face safetensors checkpoint (directory) block by block into the artifact
-    directory out_dir (artifacts.load reads it), equal to what pipeline.quantize_model + artifacts.save
-    write for the same model, bits, method and calibration.
+    """Quantize a checkpoint block by block into the artifact directory out_dir (artifacts.load
+    reads it), equal to what pipeline.quantize_model + artifacts.save write for the same model,
+    bits, method and calibration.  source: a Hugging Face safetensors directory (loaders.HFCheckpoint)
+    or a llama GGUF file (loaders.GGUFCheckpoint: tensors dequantized one block at a time, the
+    tokenizer from its metadata).
 
     bits: 3, 4 or a per-block list of 3s and 4s (3.5 is refused, see the module docstring).
     calib_tokens: token ids, a calibration text (str), or None for the shipped Emma text (both
@@ -354,21 +357,16 @@ def stream_quantize(source, out_dir, bits=3, *, method: str = "awq", group_size:
     on_block_done(l): called after block l's file is journaled (a hook for progress or tests).
     Returns a StreamResult (path, seconds per stage, peak RSS, skipped / redone blocks).
     """
-    from .loaders import HFCheckpoint
+    from .loaders import GGUFCheckpoint, HFCheckpoint
     t_start = time.time()
     check_quantizer_args(method, group_size)
     src = Path(source).expanduser()
-    if src.is_file():
-        raise ValueError(f"{src}: the streaming quantizer reads a Hugging Face safetensors "
-                         f"directory, not a single file (a GGUF can be converted with "
-                         f"decdec.hfwrite.save_hf(decdec.loaders.load_gguf(path)[0], directory, "
-                         f"dtype='float32'))")
-    if not src.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {src}")
+    if not src.is_dir() and not src.is_file():
+        raise FileNotFoundError(f"checkpoint not found (a safetensors directory or a GGUF file): {src}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    ck = HFCheckpoint(src)
+    ck = HFCheckpoint(src) if src.is_dir() else GGUFCheckpoint(src)
     config = ck.config
     n_layers = config.n_layers
     per_block = _per_block_bits(bits, n_layers)

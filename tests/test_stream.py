@@ -202,7 +202,7 @@ def test_bad_arguments(hf_dir, tmp_path):
                                n_windows=2, progress=False)
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(ValueError, match="Hugging Face safetensors directory, not a single file"):
+    with pytest.raises(ValueError, match="model.gguf"):      # a file is read as GGUF: this one is not
         _stream(gguf, tmp_path / "a")
     with pytest.raises(FileNotFoundError):
         _stream(tmp_path / "nope", tmp_path / "a")
@@ -294,3 +294,69 @@ def test_peak_memory_is_blocks_not_model(tmp_path):
     assert len(rss) == 16
     assert max(rss[4:]) - max(rss[:4]) < 2 * per_block, [x >> 20 for x in rss]
     assert m["grew"] < model_f32, (m["grew"], model_f32)
+
+
+def _write_gguf(weights, path):
+    """tiny_weights as llama.cpp's converter writes a GGUF: wq / wk rows permuted, F32 tensors but
+    w_up in Q8_0 (so the streaming reader dequantizes per block), a 300-token list."""
+    import gguf
+    from test_loaders import llama_cpp_permute
+    c = weights.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.n_layers)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + [f"<t{i}>" for i in range(3, c.vocab_size)])
+    w.add_token_types([1] * c.vocab_size)
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(c.bos_id)
+    w.add_eos_token_id(c.eos_id)
+    w.add_tensor("token_embd.weight", weights.tok_embeddings)
+    w.add_tensor("output_norm.weight", weights.norm)
+    w.add_tensor("output.weight", weights.lm_head)
+    gnames = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+              "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+    for i, layer in enumerate(weights.layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", layer["attn_norm"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
+        for n, g in gnames.items():
+            t = layer[n]
+            t = llama_cpp_permute(t, c.n_heads) if n == "wq" else llama_cpp_permute(t, c.n_kv_heads) if n == "wk" else t
+            if n == "w_up":
+                q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(f"blk.{i}.{g}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(f"blk.{i}.{g}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_stream_from_gguf_equals_in_memory(tmp_path, method):
+    """A GGUF file streams like a safetensors directory: the artifact equals, file for file, the
+    in-memory pipeline's on load_gguf's weights (the tiny Llama written as GGUF, one FFN matrix in
+    Q8_0 so the per-block dequantization is exercised)."""
+    src = tmp_path / "tiny.gguf"
+    _write_gguf(tiny_weights(), src)
+    weights, tok = loaders.load_gguf(src)
+    ck = loaders.GGUFCheckpoint(src)
+    np.testing.assert_array_equal(ck.embedding_rows(10, 20, head=True), weights.lm_head[10:20])
+    tokens = calib_tokens()
+    qm = pipeline.quantize_model(weights, tokens, 3, method=method, n_windows=N_WIN, progress=False,
+                                 tokenizer=tok, **GRIDS)
+    mem = artifacts.save(qm, tmp_path / "mem")
+    r = stream.stream_quantize(src, tmp_path / "stream", 3, method=method, calib_tokens=tokens,
+                               n_windows=N_WIN, progress=False, **GRIDS)
+    assert _files(r.path) == _files(mem)
+    _assert_same_arrays(artifacts.load(mem), artifacts.load(r.path))
