@@ -27,9 +27,10 @@ METHODS = ("rtn", "awq")
 
 
 def main(argv=None) -> int:
-    from decdec import artifacts, data, pipeline
+    from decdec import data, pipeline
+    from decdec.cache import cached_quantize_models
     from decdec.evaluate import EvalConfig, PerplexityProtocol, evaluate, write_sweep
-    from decdec.fetch import fetch_smollm2
+    from decdec.fetch import GGUF_SHA256, fetch_smollm2
     from decdec.loaders import load_gguf
     from decdec.model import LlamaModel
 
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default="pride_and_prejudice")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--k-chunks", default=",".join(map(str, K_CHUNKS)))
-    ap.add_argument("--artifacts", default=os.path.expanduser("~/.cache/decdec/sweep-artifacts"))
+    ap.add_argument("--artifacts", default=None,
+                    help="artifact cache directory (default $DECDEC_CACHE/artifacts, decdec.cache)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -51,14 +53,9 @@ def main(argv=None) -> int:
     calib = tok.encode(data.text("emma"))
     models = {}
     for method in methods:
-        dirs = {b: Path(args.artifacts) / f"{method}-{b}bit-w{args.calib_windows}" for b in BITS}
-        if all((d / artifacts.MANIFEST).is_file() for d in dirs.values()):
-            qms = {b: artifacts.load(d) for b, d in dirs.items()}
-        else:
-            qms = pipeline.quantize_models(weights, calib, BITS, method=method, group_size=128,
-                                           n_windows=args.calib_windows, tokenizer=tok)
-            for b, qm in qms.items():
-                artifacts.save(qm, dirs[b], overwrite=True)
+        qms, _ = cached_quantize_models(weights, calib, BITS, model_id=GGUF_SHA256, method=method,
+                                        group_size=128, n_windows=args.calib_windows, tokenizer=tok,
+                                        cache_dir=args.artifacts)
         for b, qm in qms.items():
             models[(method, b)] = (qm, pipeline.build_model(qm))
     t_quant = time.time() - t_start

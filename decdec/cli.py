@@ -227,8 +227,9 @@ def run_demo(eval_tokens: int = 1533, calib_windows: int = 8, method: str = "awq
     About 5 minutes on 2 cores.
     """
     from . import data, pipeline
+    from .cache import cache_entry, cached_quantize_models, is_cached
     from .evaluate import EvalConfig, PerplexityProtocol, evaluate
-    from .fetch import fetch_smollm2
+    from .fetch import GGUF_SHA256, fetch_smollm2
     from .generate import generate
     from .loaders import load_gguf
     from .model import LlamaModel
@@ -240,8 +241,13 @@ def run_demo(eval_tokens: int = 1533, calib_windows: int = 8, method: str = "awq
     print(f"model: {path.name} (reference = its dequantized Q4_1 weights), "
           f"{weights.config.n_layers} blocks", file=out)
     calib = tok.encode(data.text("emma"))
-    qms = pipeline.quantize_models(weights, calib, (3, 3.5, 4), method=method, group_size=128,
-                                   n_windows=calib_windows, sensitivity_tokens=256, tokenizer=tok)
+    bits = (3, 3.5, 4)
+    entry = cache_entry(GGUF_SHA256, calib, bits, method, 128, calib_windows, 256)
+    print("quantized artifacts: " + (f"cached by an earlier run ({entry}); evaluation only" if is_cached(entry, bits)
+          else "none cached yet: quantizing at 3, 3.5 and 4 bits first (about 8 minutes in all on 2 idle "
+          f"cores); a second run reuses them from {entry.parent}"), file=out)
+    qms, _ = cached_quantize_models(weights, calib, bits, model_id=GGUF_SHA256, method=method, group_size=128,
+                                    n_windows=calib_windows, sensitivity_tokens=256, tokenizer=tok)
     m3 = pipeline.build_model(qms[3])
     configs = [
         EvalConfig("reference (dequantized Q4_1)", None, meta={"qm": None, "k": 0}),
