@@ -35,31 +35,7 @@ def weighted_kmeans_rows(W: np.ndarray, h: np.ndarray, k: int, iters: int = 20):
     """Per row of W [R, N]: k centroids minimising sum_j h_j (w_j - c_{q_j})^2 (h [N] >= 0).
     Lloyd's iterations vectorised over rows; init at weighted quantiles of each row.  Returns
     (centroids fp16 [R, k] sorted, codes uint8 [R, N]), codes = nearest fp16 centroid."""
-    W = W.astype(np.float32)
-    R, N = W.shape
-    h = np.maximum(h.astype(np.float64), 1e-12)
-    order = np.argsort(W, axis=1)
-    Ws = np.take_along_axis(W, order, 1)
-    cw = np.cumsum(h[order], axis=1)
-    cw /= cw[:, -1:]
-    qs = (np.arange(k) + 0.5) / k
-    idx = np.stack([np.argmax(cw >= q, axis=1) for q in qs], axis=1)
-    C = np.take_along_axis(Ws, idx, 1).astype(np.float64)
-    base = (np.arange(R) * k)[:, None]
-    wh = (W * h[None, :]).ravel()
-    hh = np.broadcast_to(h[None, :], W.shape).ravel()
-    for _ in range(iters):
-        C.sort(axis=1)
-        mids = ((C[:, 1:] + C[:, :-1]) / 2).astype(np.float32)
-        codes = (W[:, :, None] > mids[:, None, :]).sum(-1)                          # [R, N]
-        flat = (base + codes).ravel()
-        num = np.bincount(flat, weights=wh, minlength=R * k).reshape(R, k)
-        den = np.bincount(flat, weights=hh, minlength=R * k).reshape(R, k)
-        C = np.where(den > 0, num / np.maximum(den, 1e-300), C)
-    C16 = np.sort(C, axis=1).astype(np.float16)
-    Cf = C16.astype(np.float32)
-    codes = np.abs(W[:, :, None] - Cf[:, None, :]).argmin(-1).astype(np.uint8)
-    return C16, codes
+    return weighted_kmeans_rows_h(W, np.broadcast_to(np.asarray(h, dtype=np.float64)[None, :], W.shape), k, iters)
 
 
 def sparse_mask(W: np.ndarray, h: np.ndarray, frac: float) -> np.ndarray:

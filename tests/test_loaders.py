@@ -22,6 +22,33 @@ def llama_cpp_permute(w, n_head):
             .reshape(w.shape)
 
 
+GGUF_LINEAR = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+               "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+
+
+def add_gguf_block(w, i, layer, n_heads, n_kv, quant_up=False):
+    """Block i's tensors as llama.cpp's converter writes them: the norms, the linears with wq / wk
+    rows permuted, w_up in Q8_0 when quant_up (returns its dequantization then, else None)."""
+    w.add_tensor(f"blk.{i}.attn_norm.weight", layer["attn_norm"])
+    w.add_tensor(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
+    dq = None
+    for n in LINEAR_NAMES:
+        stored = layer[n]
+        if n == "wq":
+            stored = llama_cpp_permute(stored, n_heads)
+        elif n == "wk":
+            stored = llama_cpp_permute(stored, n_kv)
+        if quant_up and n == "w_up":
+            # Q8_0 as llama.cpp stores it; the loader must dequantize it.
+            q = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(f"blk.{i}.{GGUF_LINEAR[n]}.weight", q, raw_shape=q.shape,
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            dq = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(f"blk.{i}.{GGUF_LINEAR[n]}.weight", stored)
+    return dq
+
+
 def write_tiny_gguf(path, *, tied=True, arch="llama", quant_ffn=False, extra_kv=None):
     rng = np.random.default_rng(0)
     hf = {"tok": rng.standard_normal((VOCAB, DIM)).astype(np.float32),
@@ -30,8 +57,6 @@ def write_tiny_gguf(path, *, tied=True, arch="llama", quant_ffn=False, extra_kv=
     shapes = {"wq": (HEADS * HEAD_DIM, DIM), "wk": (KV * HEAD_DIM, DIM), "wv": (KV * HEAD_DIM, DIM),
               "wo": (DIM, HEADS * HEAD_DIM), "w_gate": (FFN, DIM), "w_up": (FFN, DIM),
               "w_down": (DIM, FFN)}
-    gnames = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-              "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(256)
@@ -60,22 +85,9 @@ def write_tiny_gguf(path, *, tied=True, arch="llama", quant_ffn=False, extra_kv=
         layer["attn_norm"] = rng.standard_normal(DIM).astype(np.float32)
         layer["ffn_norm"] = rng.standard_normal(DIM).astype(np.float32)
         hf["layers"].append(layer)
-        w.add_tensor(f"blk.{i}.attn_norm.weight", layer["attn_norm"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
-        for n in LINEAR_NAMES:
-            stored = layer[n]
-            if n == "wq":
-                stored = llama_cpp_permute(stored, HEADS)
-            elif n == "wk":
-                stored = llama_cpp_permute(stored, KV)
-            if quant_ffn and n == "w_up":
-                # Q8_0 as llama.cpp stores it; the loader must dequantize it.
-                q = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(f"blk.{i}.{gnames[n]}.weight", q, raw_shape=q.shape,
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-                layer["w_up_dequant"] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
-            else:
-                w.add_tensor(f"blk.{i}.{gnames[n]}.weight", stored)
+        dq = add_gguf_block(w, i, layer, HEADS, KV, quant_up=quant_ffn)
+        if dq is not None:
+            layer["w_up_dequant"] = dq
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

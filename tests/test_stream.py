@@ -300,7 +300,7 @@ def _write_gguf(weights, path):
     """tiny_weights as llama.cpp's converter writes a GGUF: wq / wk rows permuted, F32 tensors but
     w_up in Q8_0 (so the streaming reader dequantizes per block), a 300-token list."""
     import gguf
-    from test_loaders import llama_cpp_permute
+    from test_loaders import add_gguf_block
     c = weights.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.n_layers)
@@ -323,19 +323,8 @@ def _write_gguf(weights, path):
     w.add_tensor("token_embd.weight", weights.tok_embeddings)
     w.add_tensor("output_norm.weight", weights.norm)
     w.add_tensor("output.weight", weights.lm_head)
-    gnames = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-              "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
     for i, layer in enumerate(weights.layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", layer["attn_norm"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
-        for n, g in gnames.items():
-            t = layer[n]
-            t = llama_cpp_permute(t, c.n_heads) if n == "wq" else llama_cpp_permute(t, c.n_kv_heads) if n == "wk" else t
-            if n == "w_up":
-                q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(f"blk.{i}.{g}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            else:
-                w.add_tensor(f"blk.{i}.{g}.weight", t)
+        add_gguf_block(w, i, layer, c.n_heads, c.n_kv_heads, quant_up=True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
