@@ -30,7 +30,26 @@ def _read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"decdec: text file {path!r} not found (or name one of {sorted(data.TEXTS)})")
-    return p.read_text(encoding="utf-8", errors="replace")
+    raw = p.read_bytes()
+    if b"\0" in raw:
+        raise SystemExit(f"decdec: {path} looks binary (it holds NUL bytes): give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"decdec: {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                         f"convert it first, e.g. iconv -t UTF-8") from None
+
+
+def _warn_short_text(n_text_tokens: int, protocol) -> None:
+    """Say on stderr when the text scores fewer tokens than asked, or fills fewer than two windows
+    (one window's perplexity has no spread to judge it by)."""
+    n = min(n_text_tokens, protocol.n_tokens)
+    if n < protocol.n_tokens:
+        print(f"decdec: warning: the text has {n_text_tokens} tokens, fewer than the {protocol.n_tokens} "
+              f"asked (--tokens): scoring {n}", file=sys.stderr)
+    if n < 2 * (protocol.context - 1):
+        print(f"decdec: warning: {n} tokens fill fewer than two windows of {protocol.context - 1}: the "
+              f"perplexity below is one window's and can move a lot with the text", file=sys.stderr)
 
 
 def _bits(s: str):
@@ -135,6 +154,9 @@ def cmd_eval(args) -> int:
     tokens = qm.tokenizer.encode(_read_text(args.text))
     protocol = PerplexityProtocol(context=args.context, stride=args.stride or args.context - 1,
                                   n_tokens=args.tokens)
+    if len(tokens) == 0:
+        raise SystemExit(f"decdec: {args.text} holds no text to score")
+    _warn_short_text(len(tokens), protocol)
     if args.device == "cuda":
         return cmd_eval_cuda(args, qm, tokens, protocol)
     model = pipeline.build_model(qm, args.k_chunk, args.selection)

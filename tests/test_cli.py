@@ -104,3 +104,25 @@ def test_shipped_texts():
     assert data.text("emma").startswith("EMMA") and len(data.text("emma")) == 883_028
     with pytest.raises(ValueError, match="unknown text"):
         data.path("ulysses")
+
+
+def test_eval_refuses_binary_and_non_utf8_text_and_warns_on_short_text(artifact, tmp_path, capsys):
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SystemExit, match="looks binary"):
+        cli.main(["eval", str(binary), "--artifact", str(artifact)])
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Elinor Dashwood \u00e9tait l\u00e0".encode("latin-1"))
+    with pytest.raises(SystemExit, match="is not UTF-8 text .*iconv"):
+        cli.main(["eval", str(latin), "--artifact", str(artifact)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="holds no text"):
+        cli.main(["eval", str(empty), "--artifact", str(artifact)])
+    short = tmp_path / "short.txt"
+    short.write_text("Two words.")
+    assert cli.main(["eval", str(short), "--artifact", str(artifact), "--tokens", "200", "--context", "64"]) == 0
+    err = capsys.readouterr().err
+    n = len(artifacts.load(artifact).tokenizer.encode("Two words."))
+    assert f"the text has {n} tokens, fewer than the 200 asked" in err
+    assert "fewer than two windows of 63" in err
