@@ -168,6 +168,8 @@ def cmd_eval(args) -> int:
         # No reference: KL and top-1 are against the model itself without compensation.
         reference = pipeline.build_model(qm, 0)
         configs = []
+    if args.k_chunk:   # the uncompensated row beside the compensated one (one run, same windows)
+        configs.append(EvalConfig(f"{qm.label()} k_chunk 0", model, 0, args.selection))
     configs.append(EvalConfig(f"{qm.label()} k_chunk {args.k_chunk} {args.selection}", model,
                               args.k_chunk, args.selection))
     results = evaluate(reference, configs, tokens, protocol, bos_id=qm.config.bos_id)

@@ -32,6 +32,10 @@ def test_eval_prints_the_library_numbers(artifact, tmp_path, capsys):
                     PerplexityProtocol(64, 63, 200), progress=False)[0]
     assert f"perplexity {want['perplexity']:9.3f}" in out
     assert "200 tokens" in out
+    base = evaluate(pipeline.build_model(qm, 0), [EvalConfig("x", pipeline.build_model(qm, 0), 0)], tokens,
+                    PerplexityProtocol(64, 63, 200), progress=False)[0]
+    lines = out.splitlines()
+    assert any("k_chunk 0 " in ln and f"perplexity {base['perplexity']:9.3f}" in ln for ln in lines)
 
 
 def test_generate_from_artifact(artifact, capsys):
