@@ -436,7 +436,11 @@ def run_configs(text, method, configs, reference, protocol, tokens, tok, memo_di
         t0 = time.time()
         r = evaluate(reference, [EvalConfig(meta["name"], model, meta=meta)], tokens, protocol,
                      bos_id=tok.bos_id, progress=False)[0]
-        r.update(usage(model))
+        if meta["policy"] == "plain":           # the stand-in has no counters: the byte rule
+            r.update({"resident_rows_per_token": 0.0, "fetched_rows_per_token": float(
+                sum(formats.total_quota(lin.in_features, meta["k_chunk"]) for lin in model.linears.values()))})
+        else:
+            r.update(usage(model))
         r["wall_seconds"] = round(time.time() - t0, 1)
         print(f"{text} {meta['name']}: ppl {r['perplexity']:.3f} KL {r['kl']:.4f} "
               f"({r['wall_seconds']:.0f} s)", flush=True)
@@ -540,7 +544,7 @@ def markdown(records: list, meta: dict, rows: list, verdict: list) -> str:
             for r in mr:
                 used = r.get("resident_rows_per_token", 0.0)
                 lines.append(
-                    f"| {r['k_chunk']} | {r['budget'] * 100:g}% | {r['policy']} | {r['pcie_bytes_per_token']:,} | "
+                    f"| {r['k_chunk']} | {'-' if r['policy'] == 'plain' else format(r['budget'] * 100, 'g') + '%'} | {r['policy']} | {r['pcie_bytes_per_token']:,} | "
                     f"{r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {_f(r.get('delta_ppl'), '+.3f')} | "
                     f"{_f(r.get('delta_kl'), '+.4f')} | {_f(r.get('share_of_2x_gain'), '.2f')} | "
                     f"{r['extra_gpu_bytes'] / 2**20:.3f} | {r['extra_pct_base']:.3f} | "
