@@ -393,13 +393,16 @@ def model_fetch_bytes(qm, k_chunk: int) -> int:
 
 
 def usage(model) -> dict:
-    """Whole-model rows applied per token (sums over the layers of each layer's mean)."""
-    res = fet = 0.0
+    """Whole-model rows applied per token (sums over the layers of each layer's mean), and the
+    bytes of resident rows read from GPU memory per token (rows used x d_out / 2)."""
+    res = fet = hbm = 0.0
     for lin in model.linears.values():
         if getattr(lin, "tokens", 0):
             res += lin.resident_taken / lin.tokens
             fet += lin.fetched / lin.tokens
-    return {"resident_rows_per_token": res, "fetched_rows_per_token": fet}
+            hbm += lin.resident_taken / lin.tokens * resident_row_nbytes(lin.out_features)
+    return {"resident_rows_per_token": res, "fetched_rows_per_token": fet,
+            "resident_hbm_bytes_per_token": hbm}
 
 
 def load_tables(qm, weights, art: Path, method: str) -> dict:
@@ -430,14 +433,17 @@ def run_configs(text, method, configs, reference, protocol, tokens, tok, memo_di
                                  CALIB_WINDOWS, digest, "hot-v1")).encode()).hexdigest()[:12]
         p = Path(memo_dir) / f"hot-records-{text}-{method}-{h}.json"
         if p.is_file():
-            out.append(json.loads(p.read_text()))
-            continue
+            rec = json.loads(p.read_text())
+            if meta["policy"] == "plain" or "resident_hbm_bytes_per_token" in rec:
+                out.append(rec)
+                continue                        # (records of an earlier version lack the HBM bytes)
         model = build()
         t0 = time.time()
         r = evaluate(reference, [EvalConfig(meta["name"], model, meta=meta)], tokens, protocol,
                      bos_id=tok.bos_id, progress=False)[0]
         if meta["policy"] == "plain":           # the stand-in has no counters: the byte rule
-            r.update({"resident_rows_per_token": 0.0, "fetched_rows_per_token": float(
+            r.update({"resident_rows_per_token": 0.0, "resident_hbm_bytes_per_token": 0.0,
+                      "fetched_rows_per_token": float(
                 sum(formats.total_quota(lin.in_features, meta["k_chunk"]) for lin in model.linears.values()))})
         else:
             r.update(usage(model))
@@ -537,8 +543,9 @@ def markdown(records: list, meta: dict, rows: list, verdict: list) -> str:
                                                  f"KL {none['kl']:.4f})" if none else ""), "",
                       "| k_chunk | budget | policy | PCIe bytes / token | ppl | KL | top-1 | delta ppl vs plain "
                       "(equal PCIe) | delta KL | share of the 2x-PCIe gain | extra GPU MiB | % of base weights "
-                      "| resident rows used / token (of resident) | PCIe rows / token |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| resident rows used / token (of resident) | resident bytes read from HBM / token "
+                      "(% of base weights) | PCIe rows / token |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             order = {"plain": 0, "extended": 1, "always": 2}
             mr = sorted([r for r in mr if r["k_chunk"]], key=lambda r: (r["k_chunk"], r["budget"], order[r["policy"]]))
             for r in mr:
@@ -549,6 +556,8 @@ def markdown(records: list, meta: dict, rows: list, verdict: list) -> str:
                     f"{_f(r.get('delta_kl'), '+.4f')} | {_f(r.get('share_of_2x_gain'), '.2f')} | "
                     f"{r['extra_gpu_bytes'] / 2**20:.3f} | {r['extra_pct_base']:.3f} | "
                     f"{used:.1f}" + (f" ({used / r['resident_rows']:.2f})" if r["resident_rows"] else "") +
+                    f" | {r.get('resident_hbm_bytes_per_token', 0.0):,.0f} "
+                    f"({100 * r.get('resident_hbm_bytes_per_token', 0.0) / r['base_bytes']:.2f}%)"
                     f" | {r.get('fetched_rows_per_token', 0.0):.1f} |")
             lines.append("")
     lines += ["## Verdict (computed from the tables)", ""] + verdict
@@ -637,8 +646,12 @@ def main(argv=None) -> int:
         for m in methods:
             cfgs = plan_configs(text, m, qms[m], w_hats_fn(m), tables[m], calibs[m], kcs, budgets,
                                 pols, base_bytes(qms[m]))
-            recs += run_configs(text, m, cfgs, ref, protocol, tokens, tok, art,
-                                calibration_digest(calibs[m]))
+            res = run_configs(text, m, cfgs, ref, protocol, tokens, tok, art,
+                              calibration_digest(calibs[m]))
+            for r in res:
+                r["base_bytes"] = base_bytes(qms[m])
+                r.setdefault("resident_hbm_bytes_per_token", 0.0)
+            recs += res
         return recs
 
     t_eval = time.time()

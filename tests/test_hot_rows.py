@@ -364,8 +364,10 @@ def test_hot_model_tiny(tiny_qm, tmp_path):
         total_res = sum(len(cal["hot"][(l, n, 0.2)]) for l in range(len(qm.blocks)) for n in pipeline.LINEAR_NAMES)
         if pol == "always":
             assert u["resident_rows_per_token"] == pytest.approx(total_res)
+            assert u["resident_hbm_bytes_per_token"] == pytest.approx(hr.resident_bytes(qm, cal, 0.2))
         else:
             assert 0 < u["resident_rows_per_token"] <= total_res
+            assert 0 < u["resident_hbm_bytes_per_token"] < hr.resident_bytes(qm, cal, 0.2)
         assert n_lin == 7 * len(qm.blocks)
     assert hr.model_fetch_bytes(qm, k) == qm.residual_bytes_per_token(k)
     assert hr.base_bytes(qm) == sum(ql.qweight.nbytes for b in qm.blocks for ql in b.linears.values())
