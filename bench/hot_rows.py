@@ -86,6 +86,7 @@ POLICIES = ("extended", "always")
 CALIB_WINDOWS = 8                       # as the artifacts' thresholds (load_or_quantize)
 METHODS = ("rtn", "awq")
 NB = formats.NUM_BUCKETS                # bucket index NB = in no bucket (NaN)
+DISCUSSION = "## Discussion (written after the run)"
 
 
 # ----------------------------------------------------------------------------------- byte rules
@@ -729,6 +730,9 @@ def main(argv=None) -> int:
          "hit_rate": {m: {f"{l}.{k}.{b}": v for (l, k, b), v in calibs[m]["hit_rate"].items()}
                       for m in methods}}, indent=1) + "\n")
     md = markdown(records, meta, rows, verdict)
+    old_md = out / "hot_rows.md"                # keep a hand-written discussion across reruns
+    if old_md.is_file() and DISCUSSION in old_md.read_text():
+        md += "\n" + DISCUSSION + old_md.read_text().split(DISCUSSION, 1)[1]
     atomic_write_text(out / "hot_rows.md", md)
     print(md)
     return 0
