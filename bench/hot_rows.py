@@ -518,10 +518,6 @@ def rows_table(qms: dict, calibs: dict, budgets) -> list:
     return lines
 
 
-def _f(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def markdown(records: list, meta: dict, rows: list, verdict: list) -> str:
     lines = ["# Hot residual rows resident in GPU memory, at equal PCIe bytes (SmolLM2-135M, CPU)", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
@@ -553,8 +549,8 @@ def markdown(records: list, meta: dict, rows: list, verdict: list) -> str:
                 used = r.get("resident_rows_per_token", 0.0)
                 lines.append(
                     f"| {r['k_chunk']} | {'-' if r['policy'] == 'plain' else format(r['budget'] * 100, 'g') + '%'} | {r['policy']} | {r['pcie_bytes_per_token']:,} | "
-                    f"{r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {_f(r.get('delta_ppl'), '+.3f')} | "
-                    f"{_f(r.get('delta_kl'), '+.4f')} | {_f(r.get('share_of_2x_gain'), '.2f')} | "
+                    f"{r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {rp.fmt_or_dash(r.get('delta_ppl'), '+.3f')} | "
+                    f"{rp.fmt_or_dash(r.get('delta_kl'), '+.4f')} | {rp.fmt_or_dash(r.get('share_of_2x_gain'), '.2f')} | "
                     f"{r['extra_gpu_bytes'] / 2**20:.3f} | {r['extra_pct_base']:.3f} | "
                     f"{used:.1f}" + (f" ({used / r['resident_rows']:.2f})" if r["resident_rows"] else "") +
                     f" | {r.get('resident_hbm_bytes_per_token', 0.0):,.0f} "
@@ -579,7 +575,7 @@ def compute_verdict(records, text, policies, budgets, k_chunks) -> list:
                     r = next((x for x in rs if x["k_chunk"] == k and x["budget"] == b), None)
                     if r is not None:
                         cells.append(f"{b * 100:g}% {r['delta_ppl']:+.2f}"
-                                     f" ({_f(r.get('share_of_2x_gain'), '.2f')} of 2x)")
+                                     f" ({rp.fmt_or_dash(r.get('share_of_2x_gain'), '.2f')} of 2x)")
                 parts.append(f"k{k}: " + ", ".join(cells))
             out.append(f"- {text}, {m.upper()}, {pol}: delta ppl vs plain at equal PCIe bytes "
                        f"(share of what 2x PCIe buys): " + "; ".join(parts))

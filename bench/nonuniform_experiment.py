@@ -156,7 +156,7 @@ def main(argv=None):
 
         def nonuniform(l, name, W, group=group, frac=frac):
             h = np.diag(stats.layer(l)[INPUT_OF[name]][0])
-            g = group if group and W.shape[1] % group == 0 else 0 if not group else np.gcd(W.shape[1], group)
+            g = int(np.gcd(W.shape[1], group)) if group else 0   # group, or its largest divisor of d_in
             What, _, b = fit_nonuniform(W, h, k, g, frac)
             bits_w.append(b * W.size)
             n_w.append(W.size)

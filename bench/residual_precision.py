@@ -341,6 +341,11 @@ def channels_desc(qm, k_chunk: int, fmt: str) -> str:
     return f"{len(full)} ({desc(full)}) / {len(part)} ({desc(part)})"
 
 
+def fmt_or_dash(v, spec: str) -> str:
+    """A table cell: `v` formatted with `spec`, or '-' when there is no value."""
+    return "-" if v is None else format(v, spec)
+
+
 def markdown(records: list, meta: dict, verdict: list) -> str:
     lines = ["# Residual precision against channel count at equal PCIe bytes (SmolLM2-135M, CPU)", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
@@ -355,12 +360,10 @@ def markdown(records: list, meta: dict, verdict: list) -> str:
         for r in records:
             if r["text"] != text:
                 continue
-            d = r.get("delta_ppl")
             lines.append(
-                f"| {r['base']} | {r['budget'] if r['budget'] is not None else '-'} | {r['format_label']} | "
+                f"| {r['base']} | {fmt_or_dash(r['budget'], '')} | {r['format_label']} | "
                 f"{r['channels']} | {r['bytes_per_token']:,.0f} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
-                f"{'-' if d is None else f'{d:+.3f}'} | "
-                f"{'-' if r.get('delta_kl') is None else format(r['delta_kl'], '+.4f')} |")
+                f"{fmt_or_dash(r.get('delta_ppl'), '+.3f')} | {fmt_or_dash(r.get('delta_kl'), '+.4f')} |")
         lines.append("")
     lines += ["## Verdict", ""] + verdict
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ every file's sha256); one that fails its check is recomputed and replaced, with 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -31,8 +32,9 @@ _CODE = ("pipeline.py", "awq.py", "quantize.py", "cheatsheet.py", "calibrate.py"
          "formats.py", "artifacts.py")
 
 
+@functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """sha256 over the source of the modules that compute an artifact."""
+    """sha256 over the source of the modules that compute an artifact (read once per process)."""
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for name in _CODE:

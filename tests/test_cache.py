@@ -1,11 +1,10 @@
 """decdec.cache: quantized artifacts reused between runs, keyed by checksums of their inputs and code."""
 import warnings
 
-import numpy as np
 import pytest
 
 from decdec import artifacts, cache, pipeline
-from tiny_llama import calib_tokens, tiny_weights
+from tiny_llama import assert_same_quantized, calib_tokens, tiny_weights
 
 GRIDS = dict(alpha_grid=(0.0, 0.5), clip_grid=(1.0, 0.8))
 
@@ -17,14 +16,6 @@ def _run(tmp_path, weights, **kw):
     return cache.cached_quantize_models(weights, calib_tokens(), (3, 4), **args)
 
 
-def _same(a, b):
-    for x, y in zip(a.blocks, b.blocks):
-        for name, ql in x.linears.items():
-            np.testing.assert_array_equal(ql.qweight.qweight, y.linears[name].qweight.qweight)
-            np.testing.assert_array_equal(ql.cheatsheet.codes, y.linears[name].cheatsheet.codes)
-            np.testing.assert_array_equal(ql.thresholds, y.linears[name].thresholds)
-
-
 def test_second_call_reads_the_cache_and_equals_the_computation(tmp_path):
     w = tiny_weights()
     first, hit = _run(tmp_path, w)
@@ -34,8 +25,8 @@ def test_second_call_reads_the_cache_and_equals_the_computation(tmp_path):
     direct = pipeline.quantize_models(w, calib_tokens(), (3, 4), method="awq", n_windows=2,
                                       sensitivity_tokens=64, progress=False, **GRIDS)
     for b in (3, 4):
-        _same(again[b], first[b])
-        _same(again[b], direct[b])
+        assert_same_quantized(again[b], first[b])
+        assert_same_quantized(again[b], direct[b])
 
 
 def test_the_key_covers_inputs_and_code(tmp_path, monkeypatch):
@@ -64,7 +55,7 @@ def test_a_corrupt_cached_artifact_is_recomputed_with_a_warning(tmp_path):
     with pytest.warns(RuntimeWarning, match="failed its check"):
         again, hit = _run(tmp_path, w, method="rtn")
     assert hit is False
-    _same(again[3], first[3])
+    assert_same_quantized(again[3], first[3])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _run(tmp_path, w, method="rtn")[1] is True     # repaired: read cleanly now

@@ -17,7 +17,7 @@ import pytest
 
 from decdec import artifacts, hfwrite, loaders, pipeline, stream
 from decdec.artifacts import ArtifactError
-from tiny_llama import byte_tokenizer, calib_tokens, tiny_config, tiny_weights
+from tiny_llama import assert_same_quantized, byte_tokenizer, calib_tokens, tiny_config, tiny_weights
 
 GRIDS = dict(alpha_grid=(0.0, 0.5), clip_grid=(1.0, 0.8))
 N_WIN = 2
@@ -47,23 +47,6 @@ def reference_rtn3(hf_dir, tmp_path_factory):
     return _stream(hf_dir, tmp_path_factory.mktemp("ref") / "rtn3").path
 
 
-def _assert_same_arrays(a, b):
-    for x, y in zip(a.blocks, b.blocks):
-        assert x.bits == y.bits
-        np.testing.assert_array_equal(x.attn_norm, y.attn_norm)
-        np.testing.assert_array_equal(x.scales.attn_in, y.scales.attn_in)
-        np.testing.assert_array_equal(x.scales.down_in, y.scales.down_in)
-        for name, ql in x.linears.items():
-            q2 = y.linears[name]
-            for u, v in ((ql.qweight.qweight, q2.qweight.qweight), (ql.qweight.scales, q2.qweight.scales),
-                         (ql.qweight.zeros, q2.qweight.zeros), (ql.cheatsheet.codes, q2.cheatsheet.codes),
-                         (ql.cheatsheet.scales, q2.cheatsheet.scales), (ql.thresholds, q2.thresholds)):
-                assert u.dtype == v.dtype
-                np.testing.assert_array_equal(u, v)
-    np.testing.assert_array_equal(a.tok_embeddings, b.tok_embeddings)
-    np.testing.assert_array_equal(a.lm_head, b.lm_head)
-
-
 @pytest.mark.parametrize("method,bits", [("rtn", 3), ("rtn", 4), ("awq", 3), ("awq", 4)])
 def test_stream_equals_in_memory(hf_dir, tmp_path, method, bits):
     weights, tok = loaders.load_hf(hf_dir)
@@ -76,7 +59,7 @@ def test_stream_equals_in_memory(hf_dir, tmp_path, method, bits):
     # every file byte for byte: embeddings, head, norm, blocks, tokenizer
     assert _files(r.path) == _files(mem)
     a, b = artifacts.load(mem), artifacts.load(r.path)
-    _assert_same_arrays(a, b)
+    assert_same_quantized(a, b)
     m = json.loads((r.path / "manifest.json").read_text())
     assert m["calibration"]["streamed"] is True and m["bits_per_layer"] == [bits] * 4
     assert m["awq_alphas"] == json.loads((mem / "manifest.json").read_text())["awq_alphas"]
@@ -348,4 +331,4 @@ def test_stream_from_gguf_equals_in_memory(tmp_path, method):
     r = stream.stream_quantize(src, tmp_path / "stream", 3, method=method, calib_tokens=tokens,
                                n_windows=N_WIN, progress=False, **GRIDS)
     assert _files(r.path) == _files(mem)
-    _assert_same_arrays(artifacts.load(mem), artifacts.load(r.path))
+    assert_same_quantized(artifacts.load(mem), artifacts.load(r.path))

@@ -78,3 +78,22 @@ def calib_tokens(n: int = 1100, seed: int = 1) -> np.ndarray:
 
 
 __all__ = ["tiny_config", "tiny_weights", "byte_tokenizer", "calib_tokens", "LINEAR_NAMES"]
+
+
+def assert_same_quantized(a, b) -> None:
+    """Two QuantizedModels hold equal arrays of equal dtypes: per block the bits, norms and AWQ
+    scales, per linear the packed codes, scales, zeros, cheatsheet and thresholds; embeddings, head."""
+    for x, y in zip(a.blocks, b.blocks):
+        assert x.bits == y.bits
+        np.testing.assert_array_equal(x.attn_norm, y.attn_norm)
+        np.testing.assert_array_equal(x.scales.attn_in, y.scales.attn_in)
+        np.testing.assert_array_equal(x.scales.down_in, y.scales.down_in)
+        for name, ql in x.linears.items():
+            q2 = y.linears[name]
+            for u, v in ((ql.qweight.qweight, q2.qweight.qweight), (ql.qweight.scales, q2.qweight.scales),
+                         (ql.qweight.zeros, q2.qweight.zeros), (ql.cheatsheet.codes, q2.cheatsheet.codes),
+                         (ql.cheatsheet.scales, q2.cheatsheet.scales), (ql.thresholds, q2.thresholds)):
+                assert u.dtype == v.dtype
+                np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a.tok_embeddings, b.tok_embeddings)
+    np.testing.assert_array_equal(a.lm_head, b.lm_head)

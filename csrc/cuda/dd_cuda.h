@@ -120,7 +120,7 @@ typedef struct {
                              * products, docs/KERNELS.md "Base kernel 2"), 3 = kernel 2 reading a
                              * 3-bit qweight in the FIELDS layout (decdec.h, dd_repack_fields3; the
                              * caller uploads that layout; 4-bit: as 2); falls back to 0 for
-                             * group size 64, below sm_80, a qweight not 16-byte aligned or shared
+                             * group size 64, a qweight not 16-byte aligned or shared
                              * memory beyond the device's.  (1 was the cp.async-ring kernel: measured
                              * no faster than kernel 0 on the H200 and removed.)  The one-launch
                              * layer kernel (DD_PATH_FUSED) is not affected. */

@@ -663,7 +663,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
-    __trap(); /* kernel 2 is never planned below sm_80 (plan_k2) */
+    __trap(); /* decdec is built for sm_80+ only (setup.py): this branch is never compiled for a device */
 #endif
 }
 
@@ -1002,8 +1002,7 @@ gemv_k2_kernel(const uint8_t *__restrict__ qweight, const unsigned short *__rest
 }
 
 /* Kernel 2's plan for one call: applies = false when it does not (group size not 128, pointers not
- * 16-byte (qweight) / 2-byte aligned, shared memory beyond the device, below sm_80): the caller
- * runs kernel 0. */
+ * 16-byte (qweight) / 2-byte aligned, shared memory beyond the device): the caller runs kernel 0. */
 struct K2Plan {
     bool applies;
     int ksplit, per_sm, rows;
@@ -1019,12 +1018,9 @@ dd_status plan_k2(const dd_shape *s, const void *d_qweight, const void *d_scales
     if (s->group_size != 128 || (((uintptr_t)d_qweight) & 15) || (((uintptr_t)d_scales) & 1) ||
         (((uintptr_t)d_zeros) & 1))
         return DD_OK;
-    int n_sm = 0, smem_optin = 0, dev = 0, major = 0;
+    int n_sm = 0, smem_optin = 0;
     dd_status st;
     if ((st = dd_cuda_device_limits(&n_sm, &smem_optin)) != DD_OK) return st;
-    DD_CK(cudaGetDevice(&dev));
-    DD_CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    if (major < 8) return DD_OK;
     if (n_sm_free <= 0 || n_sm_free > n_sm) n_sm_free = n_sm;
     const int d_in_pad = dd_d_in_pad(s);
     P->smem = k2_smem_bytes(d_in_pad, s->group_size);

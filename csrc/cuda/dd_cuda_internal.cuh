@@ -81,7 +81,7 @@ dd_status dd_cuda_gemv_base_v(const dd_shape *s, const uint8_t *d_qweight, const
                               const uint16_t *d_zeros, const uint16_t *d_x, uint16_t *d_y,
                               int accumulate, int n_sm_free, const dd_cuda_variant *v, void *stream);
 /* Base kernel 2's plan for a call (v->base_kernel = 2): *ksplit = 0 when kernel 0 would run
- * instead (group size, alignment, shared memory, below sm_80); else its k-split, grid, tiles, dynamic shared memory and
+ * instead (group size, alignment, shared memory); else its k-split, grid, tiles, dynamic shared memory and
  * resident blocks per SM.  Tests and benchmarks print it. */
 dd_status dd_cuda_gemv_k2_info(const dd_shape *s, const void *d_qweight, const void *d_scales,
                                const void *d_zeros, int n_sm_free, const dd_cuda_variant *v, int *ksplit,

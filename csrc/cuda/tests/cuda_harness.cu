@@ -459,7 +459,8 @@ static void test_base_k2(int d_in, int d_out, int bits, int gs, bool all_splits)
     for (int kr = 0; kr < 20; kr++) { /* kernel (2, 3 = FIELDS) x rows per lane (rule / 2) x k-split */
         const int kernel = kr < 10 ? 2 : 3, rows_split = kr % 10;
         if (kernel == 3 && bits != 3) continue;
-        const int rows = rows_split < 5 ? 0 : 2, split = (int[]){0, 1, 2, 4, 8}[rows_split % 5];
+        static const int kSplits[5] = {0, 1, 2, 4, 8};
+        const int rows = rows_split < 5 ? 0 : 2, split = kSplits[rows_split % 5];
         if (!all_splits && split != 0) continue;
         dd_cuda_variant v = {};
         v.base_kernel = kernel;
