@@ -71,15 +71,22 @@ def check_layer_shape(d_out: int, d_in: int, bits: int, group_size: int) -> None
         raise ValueError(f"out_features must be a multiple of {OUT_ALIGN}, got {d_out}")
 
 
-def pack_weight(codes: np.ndarray, bits: int) -> np.ndarray:
-    """codes uint8 [d_out, d_in] in [0, 2**bits) -> packed uint8 [d_out, qweight_row_bytes]."""
+def _base_codes(codes, bits: int) -> np.ndarray:
+    """codes as a 2-D integer array with every value in [0, 2**bits), else ValueError."""
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError("codes must be 2-D [d_out, d_in]")
+    if codes.size and (codes.dtype.kind not in "iub" or int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) as integers, got {codes.dtype} in "
+                         f"[{codes.min()}, {codes.max()}]")
+    return codes
+
+
+def pack_weight(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes uint8 [d_out, d_in] in [0, 2**bits) -> packed uint8 [d_out, qweight_row_bytes]."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if codes.size and int(codes.max()) >= (1 << bits):
-        raise ValueError(f"codes must lie in [0, {1 << bits})")
+    codes = _base_codes(codes, bits)
     d_out, d_in = codes.shape
     q = np.zeros((d_out, padded_in_features(d_in)), np.uint8)
     q[:, :d_in] = codes
@@ -116,11 +123,7 @@ def fields3_from_codes(codes: np.ndarray) -> np.ndarray:
     kernel's; not a storage format): per 32-element chunk c, words w0, w1 at bytes [8c, 8c+8) and w2
     at byte d_pad/4 + 4c of the row; element 10w+f in bits 3f (f < 5) or 16+3(f-5) of word w;
     elements 30 / 31: their bit b in bit 15 / 31 of word b.  Same bytes per row as planar."""
-    codes = np.asarray(codes)
-    if codes.ndim != 2:
-        raise ValueError("codes must be 2-D [d_out, d_in]")
-    if codes.size and int(codes.max()) >= 8:
-        raise ValueError("codes must lie in [0, 8)")
+    codes = _base_codes(codes, 3)
     d_out, d_in = codes.shape
     d_pad = padded_in_features(d_in)
     q = np.zeros((d_out, d_pad), np.uint32)

@@ -92,6 +92,13 @@ def test_fields3_layout_round_trips_and_matches_the_c_repack(d_in):
 def test_fields3_rejects_bad_input():
     with pytest.raises(ValueError, match="codes must lie"):
         formats.fields3_from_codes(np.full((32, 128), 8, np.uint8))
+    for bits in (3, 4):   # negative or non-integer codes are refused, not wrapped
+        with pytest.raises(ValueError, match="codes must lie .* as integers"):
+            formats.pack_weight(np.full((32, 128), -1, np.int64), bits)
+        with pytest.raises(ValueError, match="codes must lie .* as integers"):
+            formats.pack_weight(np.full((32, 128), 0.5, np.float32), bits)
+    with pytest.raises(ValueError, match="codes must lie .* as integers"):
+        formats.fields3_from_codes(np.full((32, 128), -1, np.int64))
     with pytest.raises(ValueError, match="rows must be"):
         _C.repack_fields3(np.zeros((32, 47), np.uint8), 128)
     with pytest.raises(ValueError, match="not a valid 3-bit layer"):
